@@ -1,0 +1,1 @@
+"""Stable Diffusion networks in Flax and their diffusers-format weights."""
