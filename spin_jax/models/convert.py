@@ -139,14 +139,19 @@ def torch_to_flax(
                 f"(Flax '{'/'.join(flax_path)}' {expected})"
             )
         filled[flax_path] = value.astype(dtype)
-    missing = [path_to_torch_key(p[:-1], "bias" if p[-1] == "bias" else "weight")
-               for p in flat_template if p not in filled]
+    missing = [
+        path_to_torch_key(p[:-1], "bias" if p[-1] == "bias" else "weight")
+        for p in flat_template
+        if p not in filled
+    ]
     if unexpected or missing:
         msg = [f"{source}: weights do not match the model configuration."]
         if missing:
             msg.append(f"missing tensors ({len(missing)}): {', '.join(sorted(missing)[:10])}")
         if unexpected:
-            msg.append(f"unexpected tensors ({len(unexpected)}): {', '.join(sorted(unexpected)[:10])}")
+            msg.append(
+                f"unexpected tensors ({len(unexpected)}): {', '.join(sorted(unexpected)[:10])}"
+            )
         raise WeightMismatchError("\n  ".join(msg))
     out: Params = {}
     for path, value in filled.items():
