@@ -24,6 +24,7 @@ setup(
         "tqdm",
         "absl-py",
         "pyarrow",
+        "scipy",
         "tensorboardX",
     ],
     extras_require={

@@ -45,10 +45,15 @@ def torch_key_to_path(key: str) -> tuple[tuple[str, ...], str]:
     return tuple(path), leaf
 
 
+# PyTorch module names that end in "_<digit>" themselves (diffusers' TimestepEmbedding), which the
+# reverse mapping must not split into a list index.
+_LITERAL_NAMES = frozenset({"linear_1", "linear_2"})
+
+
 def path_to_torch_key(path: tuple[str, ...], leaf: str) -> str:
     parts = []
     for p in path:
-        m = re.fullmatch(r"(.*[A-Za-z])_(\d+)", p)
+        m = None if p in _LITERAL_NAMES else re.fullmatch(r"(.*[A-Za-z])_(\d+)", p)
         parts.extend([m.group(1), m.group(2)] if m else [p])
     return ".".join([*parts, leaf])
 
@@ -140,7 +145,7 @@ def torch_to_flax(
             )
         filled[flax_path] = value.astype(dtype)
     missing = [
-        path_to_torch_key(p[:-1], "bias" if p[-1] == "bias" else "weight")
+        path_to_torch_key(p[:-1], "weight" if p[-1] in ("kernel", "scale", "embedding") else p[-1])
         for p in flat_template
         if p not in filled
     ]
@@ -166,7 +171,7 @@ def flax_to_torch(params: Mapping[str, Any], dtype: Any = np.float32) -> dict[st
     """Inverse of :func:`torch_to_flax`: a state dict with diffusers/transformers names."""
     out = {}
     for path, value in _flatten(params).items():
-        leaf = "bias" if path[-1] == "bias" else "weight"
+        leaf = "weight" if path[-1] in ("kernel", "scale", "embedding") else path[-1]
         key = path_to_torch_key(path[:-1], leaf)
         out[key] = np.ascontiguousarray(_to_torch(path[-1], np.asarray(value, dtype=dtype)))
     return out

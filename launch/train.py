@@ -1,0 +1,38 @@
+r"""Trains with self-play (SPIN-Diffusion) or a baseline objective.
+
+  python launch/train.py --config=configs/spin.py --workdir=runs/spin \
+      --config.model.path=/data/sd15 --config.data.path=/data/pickapic_v2
+
+Restarting the same command resumes the run. On several hosts, start one process per host
+(jax.distributed is initialised from SLURM / Open MPI or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID); see launch/slurm.sh.
+"""
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:preset]).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, samples, metrics).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    from spin_jax import parallel
+
+    parallel.init_distributed()  # before any other JAX call
+    from spin_jax.train import selfplay
+
+    logging.getLogger("spin_jax").setLevel(logging.INFO)
+    try:
+        selfplay.run(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, FileNotFoundError, selfplay.NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,142 @@
+"""The trainer's config fields, their defaults and their validation.
+
+Every ``configs/*.py`` file starts from ``base_config()`` and changes what its method needs, so
+a field means the same thing in every config and ``--config.x.y=value`` works everywhere.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+OBJECTIVES = ("sft", "spin", "dpo", "kto")
+SOURCES = ("imagefolder", "pickapic", "tfds")
+DTYPES = ("float32", "bfloat16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.objective = "spin"
+    c.iterations = 1  # self-play iterations (1 for the fixed-reference baselines)
+    c.overwrite = False  # allow a workdir holding a run with another config to be replaced
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""  # diffusers-format directory
+    c.model.dtype = "float32"  # compute dtype; parameters stay float32
+    c.model.attention_impl = ml_collections.config_dict.placeholder(str)  # None | "cudnn"
+    c.model.remat = False
+    c.model.allow_pickle = False
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "imagefolder"
+    c.data.path = ""
+    c.data.split = "train"  # pickapic / tfds split
+    c.data.resolution = 512  # images are resized and center-cropped (cached latents)
+    c.data.resize_filter = "bicubic"
+    c.data.random_flip = True
+    c.data.caption_dropout = 0.0  # Diffusion-DPO uses 0.2; SPIN-Diffusion is silent (choice)
+    c.data.max_examples = 0  # 0: all
+    c.data.kto_desirable_ratio = 0.0  # KTO: fraction of desirable images per batch (0: as data)
+    c.data.cache_dir = ""  # latent cache; "" -> <workdir>/latent_cache
+    c.data.encode_batch_size = 32
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 500  # optimizer steps per iteration
+    c.train.batch_size = 2048  # global, in pairs (SPIN/DPO) or images (SFT/KTO)
+    c.train.accum_steps = 1  # micro-batches per optimizer step
+    c.train.optimizer = "adamw"
+    c.train.learning_rate = 2e-5
+    c.train.lr_schedule = "linear"  # constant | linear | cosine, after warmup
+    c.train.warmup_steps = 200
+    c.train.b1 = 0.9
+    c.train.b2 = 0.999
+    c.train.eps = 1e-8
+    c.train.weight_decay = 1e-2
+    c.train.grad_clip_norm = 1.0
+    c.train.beta = 2000.0
+    # Per-iteration beta for self-play (iteration k uses betas[min(k, len - 1)]); empty: beta.
+    c.train.betas = ()
+    c.train.reset_optimizer = True  # fresh optimizer state at each self-play iteration
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.share_noise = True  # SPIN: same eps for the real and the synthetic latent (choice)
+    c.loss.kto_lambda_d = 1.0
+    c.loss.kto_lambda_u = 1.0
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.sampler = "dpm_solver_pp"
+    c.sample.num_steps = 20
+    c.sample.guidance_scale = 7.5
+    c.sample.batch_size = 64  # global
+    # True: decode the opponent's samples to pixels and re-encode them, as the papers' pipeline.
+    c.sample.pixel_roundtrip = False
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 100
+    c.checkpoint.max_to_keep = 2  # step checkpoints; the end of each iteration is always kept
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 10
+    c.log.grid_prompts = (
+        "a photo of an astronaut riding a horse",
+        "a red apple on a wooden table",
+        "a watercolor painting of a lighthouse at dawn",
+        "a corgi wearing sunglasses",
+    )
+    c.log.grid_seed = 1234
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by fsdp
+    c.mesh.fsdp = 1
+    return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the field for values the trainer cannot run with."""
+
+    def fail(field: str, msg: str) -> None:
+        raise ValueError(f"config.{field} = {_get(c, field)!r}: {msg}")
+
+    if c.objective not in OBJECTIVES:
+        fail("objective", f"must be one of {OBJECTIVES}")
+    if c.data.source not in SOURCES:
+        fail("data.source", f"must be one of {SOURCES}")
+    if c.model.dtype not in DTYPES:
+        fail("model.dtype", f"must be one of {DTYPES}")
+    if not c.model.path:
+        fail("model.path", "set it to a diffusers-format Stable Diffusion directory")
+    if not c.data.path:
+        fail("data.path", "set it to the dataset folder")
+    for field in (
+        "iterations",
+        "train.steps",
+        "train.batch_size",
+        "train.accum_steps",
+        "sample.num_steps",
+        "sample.batch_size",
+        "data.resolution",
+    ):
+        if int(_get(c, field)) < 1:
+            fail(field, "must be >= 1")
+    if c.train.batch_size % c.train.accum_steps:
+        fail("train.batch_size", f"must be divisible by train.accum_steps={c.train.accum_steps}")
+    if c.data.resolution % 8:
+        fail("data.resolution", "must be a multiple of 8 (the VAE downsamples by 8)")
+    for i, beta in enumerate([c.train.beta, *c.train.betas]):
+        if float(beta) <= 0:
+            fail("train.beta" if i == 0 else "train.betas", "beta must be > 0")
+    if not 0.0 <= c.data.caption_dropout < 1.0:
+        fail("data.caption_dropout", "must be in [0, 1)")
+    if c.objective != "spin" and c.iterations != 1:
+        fail("iterations", f"the {c.objective} baseline trains against a fixed reference: use 1")
+
+
+def beta_for_iteration(c: ml_collections.ConfigDict, iteration: int) -> float:
+    betas = list(c.train.betas)
+    return float(betas[min(iteration, len(betas) - 1)]) if betas else float(c.train.beta)
+
+
+def _get(c: ml_collections.ConfigDict, dotted: str):
+    for part in dotted.split("."):
+        c = c[part]
+    return c
