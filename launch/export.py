@@ -1,0 +1,54 @@
+r"""Writes iteration K of a training run as a diffusers-format Stable Diffusion directory.
+
+  python launch/export.py --workdir runs/spin --iteration 3 --out exported/spin_iter3
+
+The trained UNet of iteration K with the base model's VAE, text encoder, tokenizer and scheduler
+(iteration 0 is the base model itself). Load the result with
+diffusers.StableDiffusionPipeline.from_pretrained(out) or spin_jax.models.load_pretrained(out).
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by launch/train.py.")
+_ITERATION = flags.DEFINE_integer("iteration", None, "Iteration to export (0 = base model).")
+_OUT = flags.DEFINE_string("out", None, "Output folder.")
+flags.mark_flags_as_required(["workdir", "iteration", "out"])
+
+
+def export(workdir: str, iteration: int, out: str) -> str:
+    from spin_jax.models import load_pretrained, save_pretrained
+    from spin_jax.train.selfplay import load_iteration_params
+
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} not found: is {workdir} a training run folder?")
+    with open(config_path) as f:
+        config = json.load(f)
+    summary = os.path.join(workdir, f"iteration_{iteration}", "summary.json")
+    if iteration > 0 and not os.path.isfile(summary):
+        raise FileNotFoundError(f"iteration {iteration} of {workdir} is not finished ({summary})")
+    sd = load_pretrained(
+        config["model"]["path"], allow_pickle=config["model"].get("allow_pickle", False)
+    )
+    params = dict(sd.params)
+    if iteration > 0:
+        params["unet"] = load_iteration_params(workdir, iteration, sd.params["unet"])
+    return save_pretrained(sd, out, params=params)
+
+
+def main(argv):
+    del argv
+    try:
+        path = export(_WORKDIR.value, _ITERATION.value, _OUT.value)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)

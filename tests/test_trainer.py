@@ -1,0 +1,275 @@
+"""The trainer end to end on a tiny pipeline and tiny datasets: SPIN, SFT, DPO, KTO, resume, export."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from tiny_sd import make_tiny_sd
+
+from spin_jax.train import selfplay
+from spin_jax.train.config import base_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_sd(str(tmp_path_factory.mktemp("model")), "sd1")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from spin_jax.toy.shapes import write_imagefolder
+
+    path = str(tmp_path_factory.mktemp("shapes"))
+    write_imagefolder(path, "clean", 16, seed=0, size=16)
+    return path
+
+
+@pytest.fixture(scope="module")
+def parquet(tmp_path_factory):
+    """Pick-a-Pic-style shards: 12 comparisons, two of them ties."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from spin_jax.toy.shapes import generate
+
+    images, records = generate("clean", 24, seed=1, size=16)
+
+    def png(a):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return buf.getvalue()
+
+    rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": []}
+    for i in range(12):
+        rows["caption"].append(records[2 * i]["text"])
+        rows["jpg_0"].append(png(images[2 * i]))
+        rows["jpg_1"].append(png(images[2 * i + 1]))
+        label = 0.5 if i in (3, 7) else float(i % 2)
+        rows["label_0"].append(label)
+        rows["label_1"].append(1.0 - label)
+    path = tmp_path_factory.mktemp("pickapic")
+    pq.write_table(pa.table(rows), str(path / "train-00000.parquet"))
+    return str(path)
+
+
+def tiny_config(objective, model_dir, data_path, source="imagefolder"):
+    c = base_config()
+    c.objective = objective
+    c.iterations = 2 if objective == "spin" else 1
+    c.model.path = model_dir
+    c.data.source = source
+    c.data.path = data_path
+    c.data.resolution = 16
+    c.data.encode_batch_size = 8
+    c.train.steps = 3
+    c.train.batch_size = 8
+    c.train.warmup_steps = 1
+    c.train.learning_rate = 1e-3
+    c.train.beta = 50.0
+    c.train.betas = (50.0, 100.0) if objective == "spin" else ()
+    c.sample.num_steps = 2
+    c.sample.batch_size = 8
+    c.checkpoint.every_steps = 2
+    c.log.every_steps = 1
+    c.log.grid_prompts = ("a red circle on the left", "a blue square")
+    return c
+
+
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _unet_leaves(workdir, iteration, model_dir):
+    from spin_jax.models import load_pretrained
+
+    like = load_pretrained(model_dir).params["unet"]
+    params = selfplay.load_iteration_params(workdir, iteration, like)
+    return [np.asarray(x) for x in jax.tree.leaves(params)]
+
+
+def test_spin_two_iterations_and_export(model_dir, folder, tmp_path):
+    workdir = str(tmp_path / "run")
+    summaries = selfplay.run(tiny_config("spin", model_dir, folder), workdir)
+    assert [s["iteration"] for s in summaries] == [1, 2]
+    assert [s["beta"] for s in summaries] == [50.0, 100.0]
+    for k in (1, 2):
+        it = os.path.join(workdir, f"iteration_{k}")
+        assert os.path.isfile(os.path.join(it, "grid.png"))
+        assert os.path.isfile(os.path.join(it, "summary.json"))
+        assert os.path.isfile(os.path.join(it, "synthetic", "manifest.json"))
+    metrics = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    train = [m for m in metrics if "train/loss" in m]
+    assert len(train) == 6 and all(np.isfinite(m["train/loss"]) for m in train)
+    # Iteration 1 starts at theta = opponent: the SPIN loss is log 2 on its first step.
+    assert abs(train[0]["train/loss"] - np.log(2)) < 1e-5
+    assert {"train/implicit_acc", "train/lr", "train/grad_norm", "train/pairs_per_s"} <= set(
+        train[0]
+    )
+    # Iteration 2's opponent is iteration 1's policy: its synthetic samples differ.
+    from spin_jax.data.synthetic_store import SyntheticStore
+
+    s1 = SyntheticStore.open(os.path.join(workdir, "iteration_1", "synthetic")).read(range(4))
+    s2 = SyntheticStore.open(os.path.join(workdir, "iteration_2", "synthetic")).read(range(4))
+    assert not np.allclose(s1, s2)
+    # A finished run restarted does nothing more and returns the same summaries.
+    again = selfplay.run(tiny_config("spin", model_dir, folder), workdir)
+    assert again == summaries
+    # Export loads in diffusers with the trained UNet.
+    out = str(tmp_path / "export")
+    subprocess.run(
+        [
+            sys.executable,
+            "launch/export.py",
+            f"--workdir={workdir}",
+            "--iteration=2",
+            f"--out={out}",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "unet"))
+    from spin_jax.models import load_pretrained
+
+    ours = selfplay.load_iteration_params(workdir, 2, load_pretrained(model_dir).params["unet"])
+    np.testing.assert_array_equal(
+        unet.conv_in.weight.detach().permute(2, 3, 1, 0).numpy(),
+        np.asarray(ours["conv_in"]["kernel"]),
+    )
+    base = load_pretrained(model_dir).params["unet"]["conv_in"]["kernel"]
+    assert not np.allclose(np.asarray(base), np.asarray(ours["conv_in"]["kernel"]))
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo", "kto"])
+def test_baselines_run(objective, model_dir, folder, parquet, tmp_path):
+    data, source = (folder, "imagefolder") if objective == "sft" else (parquet, "pickapic")
+    c = tiny_config(objective, model_dir, data, source)
+    if objective == "kto":
+        c.data.kto_desirable_ratio = 0.5
+    (summary,) = selfplay.run(c, str(tmp_path / objective))
+    assert summary["objective"] == objective and np.isfinite(summary["loss"])
+    assert os.path.isfile(str(tmp_path / objective / "iteration_1" / "grid.png"))
+    assert not os.path.exists(str(tmp_path / objective / "iteration_1" / "synthetic"))
+
+
+def test_workdir_with_other_config_is_refused(model_dir, folder, tmp_path):
+    workdir = str(tmp_path / "run")
+    c = tiny_config("sft", model_dir, folder)
+    c.train.steps = 1
+    selfplay.run(c, workdir)
+    c.train.learning_rate = 5e-4
+    with pytest.raises(ValueError, match="another config.*learning_rate"):
+        selfplay.run(c, workdir)
+    c.overwrite = True
+    selfplay.run(c, workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["train"]["learning_rate"] == 5e-4
+
+
+def test_bad_inputs(model_dir, folder, tmp_path):
+    c = tiny_config("sft", model_dir, folder)
+    c.model.path = str(tmp_path / "missing_model")
+    with pytest.raises(FileNotFoundError, match="model.path"):
+        selfplay.run(c, str(tmp_path / "a"))
+    c = tiny_config("sft", model_dir, str(tmp_path / "missing_data"))
+    with pytest.raises(FileNotFoundError, match="data.path"):
+        selfplay.run(c, str(tmp_path / "b"))
+    c = tiny_config("sft", model_dir, folder)
+    c.train.batch_size = 6  # 8 devices
+    with pytest.raises(ValueError, match="divisible"):
+        selfplay.run(c, str(tmp_path / "c"))
+    c = tiny_config("spin", model_dir, folder)
+    c.train.beta = -1.0
+    with pytest.raises(ValueError, match="beta"):
+        selfplay.run(c, str(tmp_path / "d"))
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(model_dir, folder, tmp_path):
+    workdir = str(tmp_path / "nan")
+    c = tiny_config("sft", model_dir, folder)
+    c.train.steps = 6
+    c.train.warmup_steps = 0
+    c.train.grad_clip_norm = 0.0
+    c.train.lr_schedule = "constant"
+    c.train.learning_rate = 1e30  # the first update overflows the weights
+    c.checkpoint.every_steps = 1
+    with pytest.raises(selfplay.NonFiniteLossError, match="non-finite.*Last good checkpoint"):
+        selfplay.run(c, workdir)
+    leaves = _unet_leaves_steps(workdir)
+    assert leaves and all(np.all(np.isfinite(x)) for x in leaves)
+
+
+def _unet_leaves_steps(workdir):
+    import orbax.checkpoint as ocp
+
+    ckpt = os.path.join(workdir, "iteration_1", "checkpoints")
+    with ocp.CheckpointManager(ckpt) as m:
+        step = m.latest_step()
+        restored = m.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+    return [np.asarray(x) for x in jax.tree.leaves(restored["params"])]
+
+
+def _train_cmd(workdir, model_dir, folder, extra=()):
+    return [
+        sys.executable,
+        "launch/train.py",
+        "--config=configs/spin.py",
+        f"--workdir={workdir}",
+        f"--config.model.path={model_dir}",
+        f"--config.data.path={folder}",
+        "--config.data.source=imagefolder",
+        "--config.model.dtype=float32",
+        "--config.model.attention_impl=",
+        "--config.model.remat=False",
+        "--config.iterations=2",
+        "--config.data.resolution=16",
+        "--config.train.steps=6",
+        "--config.train.batch_size=4",
+        "--config.train.accum_steps=2",
+        "--config.train.warmup_steps=2",
+        "--config.train.learning_rate=0.001",
+        "--config.sample.num_steps=2",
+        "--config.sample.batch_size=4",
+        "--config.checkpoint.every_steps=2",
+        "--config.log.every_steps=1",
+        *extra,
+    ]
+
+
+def test_sigkill_resume_matches_uninterrupted_run(model_dir, folder, tmp_path):
+    """Two simulated devices; a run killed mid-training ends with the same weights."""
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
+    )
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    subprocess.run(_train_cmd(full, model_dir, folder), cwd=ROOT, env=env, check=True,
+                   capture_output=True)  # fmt: skip
+    proc = subprocess.Popen(_train_cmd(killed, model_dir, folder), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    target = os.path.join(killed, "iteration_2", "checkpoints", "2")
+    deadline = time.time() + 600
+    while not os.path.isdir(target) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.isfile(os.path.join(killed, "iteration_2", "summary.json"))
+    result = subprocess.run(_train_cmd(killed, model_dir, folder), cwd=ROOT, env=env,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = _unet_leaves(full, 2, model_dir)
+    b = _unet_leaves(killed, 2, model_dir)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
