@@ -1,0 +1,219 @@
+"""Device mesh, shardings, multi-process start and global batches from per-process data.
+
+Data parallelism is ``jax.jit`` over a mesh with axes ``("data", "fsdp")``: batches are split over
+both axes (every device sees its own examples), parameters are replicated, or with ``fsdp > 1``
+large parameters (and their optimizer state) are split over ``fsdp`` and gathered by XLA when used
+(ZeRO-3 style). Axis types are ``Auto``: Explicit axes break Linen + optax steps.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXES = ("data", "fsdp")
+# Parameters smaller than this (elements) stay replicated under fsdp: gathering them costs more
+# latency than the memory they would save.
+FSDP_MIN_SIZE = 2**16
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mesh:
+    """A ``(data, fsdp)`` mesh over ``devices`` (default all); ``data=-1`` takes what is left."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if fsdp < 1 or n % fsdp:
+        raise ValueError(f"make_mesh: fsdp={fsdp} must be >= 1 and divide the {n} devices")
+    if data == -1:
+        data = n // fsdp
+    if data < 1 or data * fsdp != n:
+        raise ValueError(f"make_mesh: data={data} x fsdp={fsdp} != {n} devices")
+    return jax.make_mesh(
+        (data, fsdp), DATA_AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices
+    )
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways a batch is split: the product of the mesh's data axes."""
+    return int(np.prod([mesh.shape[a] for a in DATA_AXES if a in mesh.shape]))
+
+
+def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    return tuple(a for a in DATA_AXES if a in mesh.shape)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over every data axis of the mesh; other axes whole."""
+    return NamedSharding(mesh, P(_batch_axes(mesh)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+_wrap_key_data = jax.jit(jax.random.wrap_key_data, static_argnames="impl")
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Global arrays replicated over ``mesh`` from host values (NumPy, Python scalars, local
+    jax arrays, typed PRNG keys). Every process must pass the same values; works with many
+    processes, where ``jax.device_put`` refuses shardings with other processes' devices."""
+    sharding = replicated(mesh)
+
+    def put(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, sharding)  # already global: reshard
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = put(jax.random.key_data(x))
+            return _wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+    return jax.tree.map(put, tree)
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "global batch") -> None:
+    """ValueError unless ``batch_size`` splits evenly over the data-parallel devices."""
+    n = data_parallel_size(mesh)
+    if batch_size % n:
+        raise ValueError(
+            f"{what} of {batch_size} is not divisible by the data-parallel size {n} "
+            f"(mesh {dict(mesh.shape)}); choose a batch size that is a multiple of {n}"
+        )
+
+
+def _fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> P:
+    if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    # Largest axis that splits evenly; ties go to the last such axis (output features).
+    best = None
+    for i, d in enumerate(shape):
+        if d % fsdp == 0 and (best is None or d >= shape[best]):
+            best = i
+    if best is None:
+        return P()
+    spec = [None] * len(shape)
+    spec[best] = "fsdp"
+    return P(*spec)
+
+
+def fsdp_param_sharding(mesh: Mesh, params: Any, min_size: int = FSDP_MIN_SIZE) -> Any:
+    """NamedShardings for a pytree of arrays (or ShapeDtypeStructs): each leaf of at least
+    ``min_size`` elements is split over ``fsdp`` along its largest evenly divisible axis, the rest
+    replicated. Applies to optimizer states and whole TrainStates alike (the rule reads shapes)."""
+    fsdp = mesh.shape["fsdp"] if "fsdp" in mesh.shape else 1
+    return jax.tree.map(
+        lambda x: NamedSharding(mesh, _fsdp_spec(tuple(np.shape(x)), fsdp, min_size)), params
+    )
+
+
+def _local_batch_devices(mesh: Mesh) -> int:
+    local = {d.id for d in jax.local_devices()}
+    return sum(1 for d in mesh.devices.flat if d.id in local)
+
+
+def global_batch_from_local(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global batch-sharded arrays from this process's slice of every field.
+
+    Every process passes equally sized local batches (its share of the global batch, in process
+    order); the global batch is ``local size * process count``. With one process this is a plain
+    sharded ``device_put``.
+    """
+    sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in local_batch.items()}
+    if None in sizes.values() or len(set(sizes.values())) != 1:
+        raise ValueError(
+            f"global_batch_from_local: fields need one leading batch size, got {sizes}"
+        )
+    local_size = next(iter(sizes.values()))
+    n_local = _local_batch_devices(mesh)
+    if n_local == 0:
+        raise ValueError(
+            f"global_batch_from_local: process {jax.process_index()} has no mesh device"
+        )
+    check_batch_divisible(local_size * jax.process_count(), mesh)
+    if local_size % n_local:
+        raise ValueError(
+            f"local batch of {local_size} on process {jax.process_index()} is not divisible by its "
+            f"{n_local} local devices of the mesh {dict(mesh.shape)}"
+        )
+    sharding = batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        for k, v in local_batch.items()
+    }
+
+
+def process_batch_indices(global_batch_size: int, mesh: Mesh) -> np.ndarray:
+    """The rows of a global batch this process loads for ``global_batch_from_local``, in order."""
+    check_batch_divisible(global_batch_size, mesh)
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+    blocks = sorted({idx[0].indices(global_batch_size)[:2] for idx in index_map.values()})
+    return np.concatenate([np.arange(start, stop) for start, stop in blocks])
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def init_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: list[int] | None = None,
+) -> bool:
+    """Start ``jax.distributed`` when this is a multi-process run; True if it is one.
+
+    Multi-process when arguments say so, or the environment does: ``JAX_COORDINATOR_ADDRESS`` with
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, or a Slurm / Open MPI launch of more than one
+    task (then JAX detects everything itself). Must run before any other JAX computation.
+    Calling it again is harmless.
+    """
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    num_processes = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+    process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+    if coordinator_address or num_processes is not None or process_id is not None:
+        missing = [
+            name
+            for name, v in (
+                ("coordinator_address", coordinator_address),
+                ("num_processes", num_processes),
+                ("process_id", process_id),
+            )
+            if v is None
+        ]
+        if missing:
+            raise ValueError(
+                f"init_distributed: {missing} missing; give all of coordinator_address, "
+                "num_processes and process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+                "JAX_PROCESS_ID)"
+            )
+        if num_processes == 1:
+            return False
+        if not 0 <= process_id < num_processes:
+            raise ValueError(
+                f"init_distributed: process_id {process_id} not in [0, {num_processes})"
+            )
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            local_device_ids=local_device_ids,
+        )
+        return True
+    cluster_size = max(_env_int("SLURM_NTASKS") or 1, _env_int("OMPI_COMM_WORLD_SIZE") or 1)
+    if cluster_size > 1:
+        jax.distributed.initialize(local_device_ids=local_device_ids)
+        return True
+    return False

@@ -1,0 +1,280 @@
+"""One train step per objective: noise, policy + reference errors, loss, averaged grads, update.
+
+``make_train_step`` returns a pure function
+
+    train_step(state, ref_params, text_params, batch, key) -> (state, metrics)
+
+to be jitted with the state donated (``jit_train_step``). Under a mesh the batch comes in split
+over the data axes and the parameters replicated (or fsdp-sharded); XLA inserts the gradient
+all-reduce, so the same function runs on one device, many, or many hosts.
+
+Batches (latents already scaled, NHWC; ``input_ids`` int32 [B, L] or ``context`` [B, L, D]):
+  sft:   {"x0"}                 spin: {"x0_real", "x0_syn"}     dpo/seppo: {"x0_w", "x0_l"}
+  kto:   {"x0", "label"}        (label 1 desirable, 0 undesirable)
+
+Randomness comes from ``key`` only: ``t ~ U{0..T-1}`` per example (one t per pair), Gaussian noise
+per image; within a pair the noise is shared for DPO always, for SPIN/SePPO iff ``share_noise``.
+Noise and t are drawn for the whole global batch before it is cut into micro-batches, so
+``accum_steps = k`` computes the same update as one batch k times larger (up to float summation
+order). KTO's reference point z0 is then the mean over each micro-batch (itself spread over all
+devices), not over the k micro-batches together.
+
+Non-finite loss or gradients: the update is skipped and the returned state equals the input
+state (step not advanced); ``metrics["is_finite"]`` is False so the trainer can stop or refuse to
+save.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from spin_jax import losses, parallel
+from spin_jax.train.state import TrainState
+
+UnetApply = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+EncodeText = Callable[[Any, jax.Array], jax.Array]
+
+# Objective -> the latent fields of its batch. Pairwise objectives list (winner, loser).
+BATCH_FIELDS = {
+    "sft": ("x0",),
+    "spin": ("x0_real", "x0_syn"),
+    "dpo": ("x0_w", "x0_l"),
+    "seppo": ("x0_w", "x0_l"),
+    "kto": ("x0", "label"),
+}
+PAIRWISE = ("spin", "dpo", "seppo")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _schedule_arrays(schedule: Any) -> tuple[jax.Array, jax.Array, str, int]:
+    for field in ("alphas_cumprod", "prediction_type"):
+        if not hasattr(schedule, field):
+            raise ValueError(f"make_train_step: schedule {type(schedule).__name__} has no {field}")
+    ab = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
+    if ab.ndim != 1:
+        raise ValueError(f"make_train_step: schedule.alphas_cumprod must be [T], got {ab.shape}")
+    num_t = int(getattr(schedule, "num_train_timesteps", ab.shape[0]))
+    if num_t != ab.shape[0]:
+        raise ValueError(
+            f"make_train_step: schedule.num_train_timesteps={num_t} but alphas_cumprod has "
+            f"{ab.shape[0]} entries"
+        )
+    if schedule.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"make_train_step: schedule.prediction_type {schedule.prediction_type!r} not in "
+            f"{PREDICTION_TYPES}"
+        )
+    return jnp.sqrt(ab), jnp.sqrt(1.0 - ab), schedule.prediction_type, num_t
+
+
+def _noisy_and_target(x0, noise, t, sqrt_ab, sqrt_1m_ab, prediction_type):
+    """Forward process x_t = sqrt(ab) x0 + sqrt(1-ab) eps and the prediction target."""
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    a = sqrt_ab[t].reshape(shape)
+    s = sqrt_1m_ab[t].reshape(shape)
+    x_t = a * x0 + s * noise
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = a * noise - s * x0
+    else:
+        target = x0
+    return x_t, target
+
+
+def draw_inputs(
+    objective: str,
+    batch: Mapping[str, jax.Array],
+    key: jax.Array,
+    num_train_timesteps: int,
+    *,
+    share_noise: bool = True,
+) -> dict[str, jax.Array]:
+    """The batch's fields plus per-example randomness for the whole global batch.
+
+    ``t`` int32 [B] (one per pair), ``noise_a`` for the first latent field and, for pairwise
+    objectives, ``noise_b`` for the second: the same array for DPO, and for SPIN/SePPO when
+    ``share_noise``.
+    """
+    fields = BATCH_FIELDS[objective]
+    k_t, k_a, k_b = jax.random.split(key, 3)
+    shape = batch[fields[0]].shape
+    b = shape[0]
+
+    def normal(k):
+        # Drawn as [B, n] and reshaped: the same distribution, and XLA compiles the partitionable
+        # threefry for a rank-2 shape several times faster than for a rank-4 one.
+        return jax.random.normal(k, (b, math.prod(shape[1:])), jnp.float32).reshape(shape)
+
+    out = {"t": jax.random.randint(k_t, (b,), 0, num_train_timesteps, dtype=jnp.int32)}
+    out["noise_a"] = normal(k_a)
+    if objective in PAIRWISE:
+        same = objective == "dpo" or share_noise
+        out["noise_b"] = out["noise_a"] if same else normal(k_b)
+    text_field = "context" if "context" in batch else "input_ids"
+    out[text_field] = batch[text_field]
+    for f in fields:
+        out[f] = batch[f]
+    return out
+
+
+def make_train_step(
+    objective: str,
+    *,
+    unet_apply: UnetApply,
+    schedule: Any,
+    encode_text: EncodeText | None = None,
+    beta: float | None = None,
+    share_noise: bool = True,
+    accum_steps: int = 1,
+    lambda_d: float = 1.0,
+    lambda_u: float = 1.0,
+    learning_rate_fn: optax.Schedule | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """The train step for ``objective`` in ``BATCH_FIELDS``.
+
+    ``unet_apply(params, x_t, t, context) -> prediction`` (NHWC; the model applies its own compute
+    dtype), ``encode_text(text_params, input_ids) -> context`` (frozen; not needed when batches
+    carry ``context``). ``beta`` is required by every objective but SFT. ``learning_rate_fn`` (the
+    optimizer's schedule) only feeds ``metrics["lr"]``. ``mesh``, if given, lets the step check
+    divisibility and place each micro-batch across all data-parallel devices.
+    """
+    losses.get_loss(objective)  # unknown names fail here, listing the known ones
+    if objective not in BATCH_FIELDS:
+        raise ValueError(
+            f"make_train_step: objective {objective!r} has no train step; "
+            f"known: {sorted(BATCH_FIELDS)}"
+        )
+    if objective != "sft":
+        if beta is None:
+            raise ValueError(f"make_train_step: objective {objective!r} needs beta")
+        losses.check_beta(beta, objective)
+    if not isinstance(accum_steps, int) or accum_steps < 1:
+        raise ValueError(f"make_train_step: accum_steps must be an int >= 1, got {accum_steps!r}")
+    sqrt_ab, sqrt_1m_ab, prediction_type, num_t = _schedule_arrays(schedule)
+    loss_fn = losses.get_loss(objective)
+    fields = BATCH_FIELDS[objective]
+    pairwise = objective in PAIRWISE
+    needs_ref = objective != "sft"
+
+    def micro_step(params, ref_params, text_params, mb):
+        if "context" in mb:
+            ctx = mb["context"]
+        else:
+            ctx = encode_text(text_params, mb["input_ids"])
+        ctx = jax.lax.stop_gradient(ctx)
+        t = mb["t"]
+        if pairwise:
+            # Winner and loser go through each model as one batch of 2B.
+            x0 = jnp.concatenate([mb[fields[0]], mb[fields[1]]]).astype(jnp.float32)
+            noise = jnp.concatenate([mb["noise_a"], mb["noise_b"]])
+            t, ctx = jnp.concatenate([t, t]), jnp.concatenate([ctx, ctx])
+        else:
+            x0, noise = mb[fields[0]].astype(jnp.float32), mb["noise_a"]
+        x_t, target = _noisy_and_target(x0, noise, t, sqrt_ab, sqrt_1m_ab, prediction_type)
+        err_ref = None
+        if needs_ref:
+            pred_ref = unet_apply(jax.lax.stop_gradient(ref_params), x_t, t, ctx)
+            err_ref = jax.lax.stop_gradient(losses.per_sample_error(pred_ref, target))
+
+        def objective_loss(p):
+            err = losses.per_sample_error(unet_apply(p, x_t, t, ctx), target)
+            if objective == "sft":
+                return loss_fn(err)
+            if objective == "kto":
+                desirable = mb["label"] > 0.5
+                return loss_fn(err, err_ref, desirable, beta, lambda_d=lambda_d, lambda_u=lambda_u)
+            n = err.shape[0] // 2
+            return loss_fn(err[:n], err[n:], err_ref[:n], err_ref[n:], beta)
+
+        (loss, metrics), grads = jax.value_and_grad(objective_loss, has_aux=True)(params)
+        return loss, metrics, grads
+
+    def check(ref_params, text_params, batch):
+        missing = [f for f in fields if f not in batch]
+        if "context" not in batch and "input_ids" not in batch:
+            missing.append("input_ids (or context)")
+        if missing:
+            raise ValueError(f"{objective} batch lacks {missing}; has {sorted(batch)}")
+        if "context" not in batch and encode_text is None:
+            raise ValueError(
+                f"{objective} batch has input_ids but make_train_step got no encode_text"
+            )
+        if needs_ref and ref_params is None:
+            raise ValueError(f"{objective} train step needs ref_params, got None")
+        sizes = {k: (v.shape[0] if v.ndim else None) for k, v in batch.items()}
+        if len(set(sizes.values())) != 1 or None in sizes.values():
+            raise ValueError(f"{objective} batch fields need one leading batch size, got {sizes}")
+        if pairwise and batch[fields[0]].shape != batch[fields[1]].shape:
+            raise ValueError(
+                f"{objective} batch: {fields[0]} {batch[fields[0]].shape} != "
+                f"{fields[1]} {batch[fields[1]].shape}"
+            )
+        b = next(iter(sizes.values()))
+        if b % accum_steps:
+            raise ValueError(f"batch of {b} is not divisible by accum_steps={accum_steps}")
+        if mesh is not None:
+            parallel.check_batch_divisible(b // accum_steps, mesh, what="micro-batch")
+
+    def train_step(state: TrainState, ref_params, text_params, batch, key):
+        check(ref_params, text_params, batch)
+        inputs = draw_inputs(objective, batch, key, num_t, share_noise=share_noise)
+        if accum_steps == 1:
+            loss, metrics, grads = micro_step(state.params, ref_params, text_params, inputs)
+        else:
+            # Micro-batch j takes rows j, j+k, j+2k, ...: each one stays spread over every device
+            # that holds a contiguous block of the global batch, so no data moves between devices.
+            def split(x):
+                x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
+                x = jnp.swapaxes(x, 0, 1)
+                if mesh is not None:
+                    axes = tuple(a for a in parallel.DATA_AXES if a in mesh.shape)
+                    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, axes)))
+                return x
+
+            stacked = jax.tree.map(split, inputs)
+
+            def body(grad_sum, mb):
+                loss, metrics, grads = micro_step(state.params, ref_params, text_params, mb)
+                return jax.tree.map(jnp.add, grad_sum, grads), (loss, metrics)
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            grad_sum, (loss, metrics) = jax.lax.scan(body, zeros, stacked)
+            grads = jax.tree.map(lambda g: g / accum_steps, grad_sum)
+            loss = jnp.mean(loss)
+            metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+
+        grad_norm = optax.tree.norm(grads)
+        is_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = state.apply_gradients(grads)
+        # Skip a non-finite update: keep every leaf of the old state (step included).
+        new_state = jax.tree.map(lambda n, o: jnp.where(is_finite, n, o), new_state, state)
+        metrics = dict(metrics)
+        metrics["loss"] = loss
+        metrics["grad_norm"] = grad_norm
+        metrics["is_finite"] = is_finite
+        metrics["param_norm"] = optax.tree.norm(state.params)
+        if learning_rate_fn is not None:
+            metrics["lr"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+        return new_state, metrics
+
+    return train_step
+
+
+def jit_train_step(
+    train_step: Callable[..., tuple[TrainState, dict[str, jax.Array]]],
+    state_sharding: Any = None,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """``jax.jit`` with the state donated; ``state_sharding`` (e.g. from
+    ``parallel.fsdp_param_sharding``) pins the output state's layout to the input's."""
+    out_shardings = None if state_sharding is None else (state_sharding, None)
+    return jax.jit(train_step, donate_argnums=(0,), out_shardings=out_shardings)
