@@ -620,7 +620,7 @@ def params_to_state_dict(
             node[path[-1]] = value
         else:
             key = convert.path_to_torch_key(path[:-1], path[-1])
-            out[key] = np.ascontiguousarray(np.asarray(value, dtype=dtype))
+            out[key] = np.array(value, dtype=dtype, order="C")
     out.update(convert.flax_to_torch(layers, dtype=dtype))
     prefix = _tower_prefix(params)
     if strip_prefix and prefix:

@@ -173,5 +173,5 @@ def flax_to_torch(params: Mapping[str, Any], dtype: Any = np.float32) -> dict[st
     for path, value in _flatten(params).items():
         leaf = "weight" if path[-1] in ("kernel", "scale", "embedding") else path[-1]
         key = path_to_torch_key(path[:-1], leaf)
-        out[key] = np.ascontiguousarray(_to_torch(path[-1], np.asarray(value, dtype=dtype)))
+        out[key] = np.array(_to_torch(path[-1], np.asarray(value, dtype=dtype)), order="C")
     return out

@@ -1,0 +1,141 @@
+"""Reading scorer weights (safetensors, no torch) and converting pickled checkpoints once.
+
+The scorers' weights are published as pickled PyTorch checkpoints (``ImageReward.pt``,
+``HPS_v2_compressed.pt``, ``sac+logos+ava1-l14-linearMSE.pth``, ``pytorch_model.bin``).
+Unpickling can run arbitrary code, so the scorers read safetensors only;
+:func:`convert_pickle` (``launch/convert_scorer.py``) turns a trusted pickle into a safetensors
+file once, with torch, on explicit opt-in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+PICKLE_EXTS = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def _pickle_error(path: str) -> ValueError:
+    return ValueError(
+        f"{path} is a pickled PyTorch checkpoint; the scorers read safetensors only. Convert it "
+        f"once with: python launch/convert_scorer.py --input {path} "
+        f"--output {os.path.splitext(path)[0]}.safetensors --allow_pickle"
+    )
+
+
+def weight_files(path: str, stem: str = "model") -> list[str]:
+    """The safetensors file(s) at ``path``: a file, or a folder with ``{stem}.safetensors`` or
+    its sharded index. FileNotFoundError when there are none (pickles get a ValueError that
+    says how to convert them)."""
+    if os.path.isfile(path):
+        if path.endswith(PICKLE_EXTS):
+            raise _pickle_error(path)
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"weights not found: {path}")
+    single = os.path.join(path, f"{stem}.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    index = single + ".index.json"
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(path, s) for s in shards]
+        for f in files:
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"missing weight shard {f} listed in {index}")
+        return files
+    pickles = sorted(n for n in os.listdir(path) if n.endswith(PICKLE_EXTS))
+    if pickles:
+        raise _pickle_error(os.path.join(path, pickles[0]))
+    raise FileNotFoundError(f"no weights in {path}: expected {stem}.safetensors")
+
+
+def read_tensors(path: str, stem: str = "model") -> dict[str, np.ndarray]:
+    """All tensors at ``path`` (see :func:`weight_files`) as float32 NumPy arrays."""
+    from safetensors import safe_open
+
+    out: dict[str, np.ndarray] = {}
+    for file in weight_files(path, stem):
+        try:
+            with safe_open(file, framework="flax") as f:  # flax reads bfloat16 too
+                for k in f.keys():
+                    out[k] = np.asarray(f.get_tensor(k), dtype=np.float32)
+        except Exception as e:  # a truncated or foreign file
+            raise ValueError(f"cannot read safetensors file {file}: {e}") from None
+    return out
+
+
+def read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing file: {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def _unwrap(obj: object, path: str) -> Mapping:
+    # Training checkpoints nest the weights ({"state_dict": ...}, {"model": ...}).
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            return _unwrap(obj[key], path)
+    if not isinstance(obj, Mapping):
+        raise ValueError(
+            f"{path}: expected a state dict (a mapping of names to tensors), got "
+            f"{type(obj).__name__}"
+        )
+    return obj
+
+
+def convert_pickle(input_path: str, output_path: str, *, allow_pickle: bool = False) -> dict:
+    """Pickled PyTorch checkpoint -> safetensors (float16/float32 kept, bfloat16 -> float32).
+
+    Needs torch and ``allow_pickle=True`` (unpickling runs code from the file: trusted files
+    only). Reads with ``weights_only=True`` first and falls back to a full unpickle only when
+    that fails (old checkpoints holding argparse objects). Nested ``state_dict``/``model``
+    entries are unwrapped and a ``module.`` prefix on every key is removed; non-tensor entries
+    are dropped and listed. Returns ``{"tensors": n, "dropped": [...], "output": path}``.
+    """
+    if not allow_pickle:
+        raise ValueError(
+            f"{input_path}: converting a pickled checkpoint unpickles it, which can run code from "
+            "the file. Pass --allow_pickle (allow_pickle=True) if you trust it."
+        )
+    if not os.path.isfile(input_path):
+        raise FileNotFoundError(f"checkpoint not found: {input_path}")
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            "converting a pickled checkpoint needs torch (pip install torch)"
+        ) from None
+    from safetensors.numpy import save_file
+
+    try:
+        obj = torch.load(input_path, map_location="cpu", weights_only=True)
+    except Exception:  # non-tensor payloads need the full unpickler
+        obj = torch.load(input_path, map_location="cpu", weights_only=False)
+    state = _unwrap(obj, input_path)
+    if state and all(str(k).startswith("module.") for k in state):
+        state = {str(k).removeprefix("module."): v for k, v in state.items()}
+    tensors, dropped = {}, []
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            dropped.append(str(key))
+            continue
+        value = value.detach().cpu()
+        if value.dtype not in (torch.float16, torch.float32, torch.int64, torch.int32, torch.bool):
+            value = value.float()
+        tensors[str(key)] = np.array(value.numpy(), order="C")  # keeps 0-d tensors 0-d
+    if not tensors:
+        raise ValueError(f"{input_path}: no tensors found")
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    tmp = output_path + ".tmp"
+    save_file(tensors, tmp, metadata={"format": "pt", "source": os.path.basename(input_path)})
+    os.replace(tmp, output_path)
+    return {"tensors": len(tensors), "dropped": dropped, "output": output_path}
