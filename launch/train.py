@@ -8,10 +8,10 @@ Restarting the same command resumes the run. On several hosts, start one process
 JAX_NUM_PROCESSES, JAX_PROCESS_ID); see launch/slurm.sh.
 """
 
-import logging
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:preset]).")
@@ -26,7 +26,7 @@ def main(argv):
     parallel.init_distributed()  # before any other JAX call
     from spin_jax.train import selfplay
 
-    logging.getLogger("spin_jax").setLevel(logging.INFO)
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it touches at INFO
     try:
         selfplay.run(_CONFIG.value, _WORKDIR.value)
     except (ValueError, FileNotFoundError, selfplay.NonFiniteLossError) as e:

@@ -168,7 +168,7 @@ def test_baselines_run(objective, model_dir, folder, parquet, tmp_path):
 def test_workdir_with_other_config_is_refused(model_dir, folder, tmp_path):
     workdir = str(tmp_path / "run")
     c = tiny_config("sft", model_dir, folder)
-    c.train.steps = 1
+    c.train.steps = 2
     selfplay.run(c, workdir)
     c.train.learning_rate = 5e-4
     with pytest.raises(ValueError, match="another config.*learning_rate"):

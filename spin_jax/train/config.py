@@ -103,6 +103,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         fail("data.source", f"must be one of {SOURCES}")
     if c.model.dtype not in DTYPES:
         fail("model.dtype", f"must be one of {DTYPES}")
+    if c.model.attention_impl not in (None, "", "xla", "cudnn"):
+        fail("model.attention_impl", "must be empty (XLA), 'xla' or 'cudnn'")
     if not c.model.path:
         fail("model.path", "set it to a diffusers-format Stable Diffusion directory")
     if not c.data.path:

@@ -242,7 +242,7 @@ class Trainer:
         self.sd = load_pretrained(
             config.model.path,
             dtype,
-            attention_impl=config.model.attention_impl,
+            attention_impl=config.model.attention_impl or None,
             remat=config.model.remat,
             allow_pickle=config.model.allow_pickle,
         )
@@ -490,16 +490,16 @@ class Trainer:
             log.info("iteration %d: resumed from step %d", iteration, start)
         start = int(state.step)
         step_fn = jax.jit(self._step_fn(beta, lr_fn), donate_argnums=(0,))
-        replicated = parallel.replicated(self.mesh)
-        ref = jax.device_put(ref_params, replicated)
-        text = jax.device_put(sd.params["text_encoder"], replicated)
+        ref = parallel.replicate(ref_params, self.mesh)
+        text = parallel.replicate(sd.params["text_encoder"], self.mesh)
         base_key = jax.random.fold_in(jax.random.key(c.seed), iteration)
         bar = _progress(c.train.steps, f"iteration {iteration}: train", "step", initial=start)
         t0, t_last, last = time.time(), time.time(), {}
         global_offset = (iteration - 1) * c.train.steps
         for step in range(start, c.train.steps):
             batch = parallel.global_batch_from_local(self.batch(iteration, step, store), self.mesh)
-            state, metrics = step_fn(state, ref, text, batch, jax.random.fold_in(base_key, step))
+            key = parallel.replicate(jax.random.fold_in(base_key, step), self.mesh)
+            state, metrics = step_fn(state, ref, text, batch, key)
             done = step + 1
             if done % c.log.every_steps == 0 or done == c.train.steps:
                 metrics = jax.device_get(metrics)
@@ -634,7 +634,8 @@ def load_iteration_params(workdir: str, iteration: int, like: Any) -> Any:
         restored = manager.restore(
             step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
         )
-    return restored["params"]
+    # Host arrays: the caller places them (a restored array is committed to one device).
+    return jax.device_get(restored["params"])
 
 
 # ----------------------------------------------------------------------------------------------
