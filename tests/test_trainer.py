@@ -251,9 +251,8 @@ def _train_cmd(workdir, model_dir, folder, extra=()):
 
 def test_sigkill_resume_matches_uninterrupted_run(model_dir, folder, tmp_path):
     """Two simulated devices; a run killed mid-training ends with the same weights."""
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
-    )
+    flags = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     subprocess.run(_train_cmd(full, model_dir, folder), cwd=ROOT, env=env, check=True,
                    capture_output=True)  # fmt: skip
