@@ -29,7 +29,8 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it touches at INFO
     try:
         selfplay.run(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, selfplay.NonFiniteLossError) as e:
+    except (ValueError, FileNotFoundError, selfplay.NonFiniteLossError,
+            selfplay.CheckpointWriteError) as e:  # fmt: skip
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -212,6 +212,29 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(model_dir, folder, tmp_
     assert leaves and all(np.all(np.isfinite(x)) for x in leaves)
 
 
+def test_disk_full_keeps_previous_checkpoint(model_dir, folder, tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    workdir = str(tmp_path / "full_disk")
+    c = tiny_config("sft", model_dir, folder)
+    c.train.steps = 4
+    save = ocp.CheckpointManager.save
+
+    def failing_save(self, step, *args, **kwargs):
+        if step == 4:
+            raise OSError(28, "No space left on device")
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", failing_save)
+    with pytest.raises(selfplay.CheckpointWriteError, match="checkpoint 4.*No space.*2"):
+        selfplay.run(c, workdir)
+    leaves = _unet_leaves_steps(workdir)
+    assert leaves and all(np.all(np.isfinite(x)) for x in leaves)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    (summary,) = selfplay.run(c, workdir)  # the same command resumes from step 2
+    assert summary["steps"] == 4
+
+
 def _unet_leaves_steps(workdir):
     import orbax.checkpoint as ocp
 

@@ -59,6 +59,10 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class CheckpointWriteError(OSError):
+    pass
+
+
 # ----------------------------------------------------------------------------------------------
 # Small pieces.
 
@@ -596,14 +600,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
 
 
 def _save(manager: ocp.CheckpointManager, step: int, state: TrainState, meta: dict) -> None:
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt_state=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
-            meta=ocp.args.JsonSave(meta),
-        ),
-    )
+    # Orbax writes into a temporary folder and renames it when complete, so a failed write
+    # (disk full, ...) leaves the previous checkpoint as it was.
+    try:
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                opt_state=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
+    except OSError as e:
+        manager.wait_until_finished()  # let the previous (async) save complete
+        raise CheckpointWriteError(
+            f"writing checkpoint {step} to {manager.directory} failed: {e}. The previous "
+            f"checkpoint ({manager.latest_step()}) is intact; free space and rerun the command "
+            "to resume from it."
+        ) from e
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, like: TrainState) -> TrainState:
