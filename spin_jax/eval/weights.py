@@ -9,13 +9,13 @@ file once, with torch, on explicit opt-in.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 
 import numpy as np
 
-PICKLE_EXTS = (".bin", ".pt", ".pth", ".ckpt")
+from spin_jax.models import weights as _weights
+from spin_jax.models.weights import PICKLE_EXTS, read_json  # noqa: F401 (re-exported)
 
 
 def _pickle_error(path: str) -> ValueError:
@@ -27,56 +27,14 @@ def _pickle_error(path: str) -> ValueError:
 
 
 def weight_files(path: str, stem: str = "model") -> list[str]:
-    """The safetensors file(s) at ``path``: a file, or a folder with ``{stem}.safetensors`` or
-    its sharded index. FileNotFoundError when there are none (pickles get a ValueError that
-    says how to convert them)."""
-    if os.path.isfile(path):
-        if path.endswith(PICKLE_EXTS):
-            raise _pickle_error(path)
-        return [path]
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"weights not found: {path}")
-    single = os.path.join(path, f"{stem}.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    index = single + ".index.json"
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        files = [os.path.join(path, s) for s in shards]
-        for f in files:
-            if not os.path.isfile(f):
-                raise FileNotFoundError(f"missing weight shard {f} listed in {index}")
-        return files
-    pickles = sorted(n for n in os.listdir(path) if n.endswith(PICKLE_EXTS))
-    if pickles:
-        raise _pickle_error(os.path.join(path, pickles[0]))
-    raise FileNotFoundError(f"no weights in {path}: expected {stem}.safetensors")
+    """The safetensors file(s) at ``path`` (a file, or a folder with ``{stem}.safetensors`` or
+    its sharded index); pickles get a ValueError that says how to convert them."""
+    return _weights.weight_files(path, stem, pickle_error=_pickle_error)
 
 
 def read_tensors(path: str, stem: str = "model") -> dict[str, np.ndarray]:
     """All tensors at ``path`` (see :func:`weight_files`) as float32 NumPy arrays."""
-    from safetensors import safe_open
-
-    out: dict[str, np.ndarray] = {}
-    for file in weight_files(path, stem):
-        try:
-            with safe_open(file, framework="flax") as f:  # flax reads bfloat16 too
-                for k in f.keys():
-                    out[k] = np.asarray(f.get_tensor(k), dtype=np.float32)
-        except Exception as e:  # a truncated or foreign file
-            raise ValueError(f"cannot read safetensors file {file}: {e}") from None
-    return out
-
-
-def read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing file: {path}")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return _weights.read_tensors(weight_files(path, stem))
 
 
 def _unwrap(obj: object, path: str) -> Mapping:

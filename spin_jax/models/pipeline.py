@@ -23,6 +23,7 @@ from spin_jax.models.clip import text_encoder_from_config, text_encoder_param_sh
 from spin_jax.models.tokenizer import Tokenizer, load_tokenizer
 from spin_jax.models.unet import unet_from_config, unet_param_shapes
 from spin_jax.models.vae import vae_from_config, vae_param_shapes
+from spin_jax.models.weights import read_json, read_tensors, weight_files
 
 Params = dict[str, Any]
 
@@ -32,7 +33,6 @@ _WEIGHTS = {
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
 }
-_PICKLE_EXTS = (".bin", ".pt", ".pth", ".ckpt")
 _CLASS_NAMES = {
     "unet": ("diffusers", "UNet2DConditionModel"),
     "vae": ("diffusers", "AutoencoderKL"),
@@ -86,71 +86,10 @@ class StableDiffusion:
         return self.vae.apply({"params": params}, latents, method=self.vae.decode)
 
 
-def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing file: {path}")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-
-
-def _weight_files(folder: str, stem: str, allow_pickle: bool) -> list[str]:
-    """The safetensors files holding a network's weights (one, or the shards of an index)."""
-    single = os.path.join(folder, f"{stem}.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    index = single + ".index.json"
-    if os.path.isfile(index):
-        shards = sorted(set(_read_json(index)["weight_map"].values()))
-        files = [os.path.join(folder, s) for s in shards]
-        for f in files:
-            if not os.path.isfile(f):
-                raise FileNotFoundError(f"missing weight shard {f} listed in {index}")
-        return files
-    pickles = [
-        os.path.join(folder, n)
-        for n in sorted(os.listdir(folder))
-        if n.endswith(_PICKLE_EXTS) and not n.startswith("optimizer")
-    ]
-    if pickles and allow_pickle:
-        return pickles[:1]
-    if pickles:
-        raise ValueError(
-            f"{pickles[0]} is a pickled checkpoint; unpickling runs arbitrary code, so it is "
-            "refused. Convert it to safetensors, or pass allow_pickle=True if you trust it."
-        )
-    raise FileNotFoundError(f"no weights in {folder}: expected {stem}.safetensors")
-
-
-def _load_tensors(files: list[str]) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    for path in files:
-        if path.endswith(_PICKLE_EXTS):
-            try:
-                import torch
-            except ImportError:
-                raise ImportError(f"reading the pickled checkpoint {path} needs torch") from None
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state)
-            out.update({k: v.float().numpy() for k, v in state.items() if hasattr(v, "numpy")})
-            continue
-        from safetensors import safe_open
-
-        try:
-            with safe_open(path, framework="flax") as f:  # flax reads bfloat16 too
-                for k in f.keys():
-                    out[k] = np.asarray(f.get_tensor(k), dtype=np.float32)
-        except Exception as e:  # a truncated or foreign file
-            raise ValueError(f"cannot read safetensors file {path}: {e}") from None
-    return out
-
-
 def _load_network(root: str, name: str, module: nn.Module, shapes: Params, allow_pickle: bool):
     folder = os.path.join(root, name)
-    files = _weight_files(folder, _WEIGHTS[name], allow_pickle)
-    tensors = _load_tensors(files)
+    files = weight_files(folder, _WEIGHTS[name], allow_pickle=allow_pickle)
+    tensors = read_tensors(files)
     # transformers 5 saves CLIPTextModel without the "text_model." prefix published SD repos have.
     for prefix in [k for k in shapes if len(shapes) == 1]:
         if not any(k.startswith(prefix + ".") for k in tensors):
@@ -175,7 +114,7 @@ def load_pretrained(
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory not found: {path}")
-    model_index = _read_json(os.path.join(path, "model_index.json"))
+    model_index = read_json(os.path.join(path, "model_index.json"))
     for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not os.path.isdir(os.path.join(path, name)):
             raise FileNotFoundError(
@@ -183,10 +122,10 @@ def load_pretrained(
             )
     configs = {
         "model_index": model_index,
-        "unet": _read_json(os.path.join(path, "unet", "config.json")),
-        "vae": _read_json(os.path.join(path, "vae", "config.json")),
-        "text_encoder": _read_json(os.path.join(path, "text_encoder", "config.json")),
-        "scheduler": _read_json(os.path.join(path, "scheduler", "scheduler_config.json")),
+        "unet": read_json(os.path.join(path, "unet", "config.json")),
+        "vae": read_json(os.path.join(path, "vae", "config.json")),
+        "text_encoder": read_json(os.path.join(path, "text_encoder", "config.json")),
+        "scheduler": read_json(os.path.join(path, "scheduler", "scheduler_config.json")),
     }
     unet = unet_from_config(
         configs["unet"],
