@@ -56,7 +56,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.beta = 2000.0
     # Per-iteration beta for self-play (iteration k uses betas[min(k, len - 1)]); empty: beta.
     c.train.betas = ()
-    c.train.reset_optimizer = True  # fresh optimizer state at each self-play iteration
 
     c.loss = ml_collections.ConfigDict()
     c.loss.share_noise = True  # SPIN: same eps for the real and the synthetic latent (choice)

@@ -587,6 +587,11 @@ class Trainer:
             if self.objective == "spin":
                 opponent = policy
         self.writer.close()
+        if c.get("toy_eval") and c.toy_eval.get("enabled") and _is_main():
+            # The demo's table: the toy world's judge on the base and every iteration.
+            from spin_jax.toy.demo import demo_report
+
+            demo_report(self.workdir, c)
         return summaries
 
 
