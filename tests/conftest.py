@@ -8,6 +8,8 @@ trainer tests' subprocesses share.
 import os
 import tempfile
 
+import pytest
+
 os.environ.setdefault(
     "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 )
@@ -18,3 +20,31 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+# Fixtures of the toy demo and the toy benchmark ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A random (untrained) toy pipeline of the demo's layout, small enough for tests."""
+    from spin_jax.models import save_pretrained
+    from spin_jax.toy import pretrain
+
+    path = str(tmp_path_factory.mktemp("toy") / "toy_base")
+    sd = pretrain.init_pipeline(
+        0, unet_channels=(16, 32), unet_layers_per_block=1, vae_channels=(8, 16),
+        text_hidden_size=16, text_layers=1,
+    )  # fmt: skip
+    save_pretrained(sd, path)
+    return path
+
+
+@pytest.fixture
+def demo_env(tmp_path, monkeypatch, tiny_base):
+    """The demo's cache in ``tmp_path`` and ``tiny_base`` in place of the shipped base."""
+    from spin_jax.toy import demo
+
+    monkeypatch.setenv(demo.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(demo, "shipped_base_path", lambda: tiny_base)
+    return tmp_path

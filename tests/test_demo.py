@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from spin_jax.models import load_pretrained, save_pretrained
-from spin_jax.toy import demo, pretrain, shapes
+from spin_jax.models import load_pretrained
+from spin_jax.toy import demo, shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,25 +19,6 @@ def _get_config(name: str, arg: str = "demo"):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    """A random (untrained) toy pipeline of the demo's layout, small enough for tests."""
-    path = str(tmp_path_factory.mktemp("toy") / "toy_base")
-    sd = pretrain.init_pipeline(
-        0, unet_channels=(16, 32), unet_layers_per_block=1, vae_channels=(8, 16),
-        text_hidden_size=16, text_layers=1,
-    )  # fmt: skip
-    save_pretrained(sd, path)
-    return path
-
-
-@pytest.fixture
-def demo_env(tmp_path, monkeypatch, tiny_base):
-    monkeypatch.setenv(demo.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setattr(demo, "shipped_base_path", lambda: tiny_base)
-    return tmp_path
 
 
 @pytest.mark.parametrize("name", ["spin", "sft", "dpo", "kto"])

@@ -202,7 +202,9 @@ def demo_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     else:
         c.data.source = "imagefolder"
         c.data.path = ensure_clean_dataset()
-    c.data.max_examples = 96  # SPIN generates one sample per example per iteration
+    # SPIN generates one sample per example per iteration. KTO's view has two records per pair
+    # (the preferred image, then the other), so 192 records are the same 96 pairs DPO reads.
+    c.data.max_examples = 192 if objective == "kto" else 96
 
     c.iterations = 3 if objective == "spin" else 1
     c.train.steps = 40

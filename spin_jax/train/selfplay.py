@@ -252,6 +252,11 @@ class Trainer:
         )
         self.writer = MetricWriter(workdir)
         self.objective = config.objective
+        # One optimizer and one compiled step for every iteration: beta is an argument of the
+        # step, and TrainState.tx (static) is the same object, so iteration k>1 reuses the
+        # executable of iteration 1 instead of compiling again.
+        self.tx, self.lr_fn = make_optimizer(config.train)
+        self._step_jit = None
         self._open_data()
         self._report()
 
@@ -444,24 +449,24 @@ class Trainer:
 
     # Training ---------------------------------------------------------------------------------
 
-    def _step_fn(self, beta: float, lr_fn):
+    def _step_fn(self):
         c, sd = self.config, self.sd
-        train_step = make_train_step(
-            self.objective,
-            unet_apply=sd.unet_apply,
-            encode_text=sd.encode_text,
-            schedule=sd.schedule,
-            beta=None if self.objective == "sft" else beta,
-            share_noise=c.loss.share_noise,
-            accum_steps=c.train.accum_steps,
-            lambda_d=c.loss.kto_lambda_d,
-            lambda_u=c.loss.kto_lambda_u,
-            learning_rate_fn=lr_fn,
-            mesh=self.mesh,
-        )
         scaling = sd.scaling_factor
 
-        def step(state, ref_params, text_params, batch, key):
+        def step(state, ref_params, text_params, batch, key, beta):
+            train_step = make_train_step(
+                self.objective,
+                unet_apply=sd.unet_apply,
+                encode_text=sd.encode_text,
+                schedule=sd.schedule,
+                beta=None if self.objective == "sft" else beta,
+                share_noise=c.loss.share_noise,
+                accum_steps=c.train.accum_steps,
+                lambda_d=c.loss.kto_lambda_d,
+                lambda_u=c.loss.kto_lambda_u,
+                learning_rate_fn=self.lr_fn,
+                mesh=self.mesh,
+            )
             # Draw the real latents from their cached VAE posteriors, then the objective's step.
             k_post, k_step = jax.random.split(key)
             batch = dict(batch)
@@ -477,8 +482,7 @@ class Trainer:
     def train(self, iteration: int, ref_params: Any, store: SyntheticStore | None) -> Any:
         c, sd = self.config, self.sd
         beta = config_lib.beta_for_iteration(c, iteration - 1)
-        tx, lr_fn = make_optimizer(c.train)
-        state = TrainState.create(ref_params, tx, mesh=self.mesh)
+        state = TrainState.create(ref_params, self.tx, mesh=self.mesh)
         ckpt_dir = os.path.abspath(
             os.path.join(self.workdir, f"iteration_{iteration}", "checkpoints")
         )
@@ -493,7 +497,9 @@ class Trainer:
             state = _restore(manager, start, state)
             log.info("iteration %d: resumed from step %d", iteration, start)
         start = int(state.step)
-        step_fn = jax.jit(self._step_fn(beta, lr_fn), donate_argnums=(0,))
+        if self._step_jit is None:
+            self._step_jit = jax.jit(self._step_fn(), donate_argnums=(0,))
+        beta_arg = parallel.replicate(np.float32(beta), self.mesh)
         ref = parallel.replicate(ref_params, self.mesh)
         text = parallel.replicate(sd.params["text_encoder"], self.mesh)
         base_key = jax.random.fold_in(jax.random.key(c.seed), iteration)
@@ -503,7 +509,7 @@ class Trainer:
         for step in range(start, c.train.steps):
             batch = parallel.global_batch_from_local(self.batch(iteration, step, store), self.mesh)
             key = parallel.replicate(jax.random.fold_in(base_key, step), self.mesh)
-            state, metrics = step_fn(state, ref, text, batch, key)
+            state, metrics = self._step_jit(state, ref, text, batch, key, beta_arg)
             done = step + 1
             if done % c.log.every_steps == 0 or done == c.train.steps:
                 metrics = jax.device_get(metrics)
@@ -640,15 +646,22 @@ def _restore(manager: ocp.CheckpointManager, step: int, like: TrainState) -> Tra
     return like.replace(params=restored["params"], step=rest["step"], opt_state=rest["opt_state"])
 
 
-def load_iteration_params(workdir: str, iteration: int, like: Any) -> Any:
-    """The UNet params at the end of ``iteration`` (the last checkpoint of that iteration)."""
+def load_iteration_params(workdir: str, iteration: int, like: Any, step: int | None = None) -> Any:
+    """The UNet params of ``iteration`` at checkpoint ``step`` (default: its last checkpoint)."""
     ckpt_dir = os.path.abspath(os.path.join(workdir, f"iteration_{iteration}", "checkpoints"))
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"no checkpoints for iteration {iteration} in {workdir}")
     with ocp.CheckpointManager(ckpt_dir) as manager:
-        step = manager.latest_step()
-        if step is None:
+        steps = manager.all_steps()
+        if not steps:
             raise FileNotFoundError(f"no finished checkpoint in {ckpt_dir}")
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise FileNotFoundError(
+                f"no checkpoint of step {step} in {ckpt_dir} (have {sorted(steps)}); "
+                "keep more with checkpoint.max_to_keep"
+            )
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         restored = manager.restore(
             step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
