@@ -123,3 +123,18 @@ def test_missing_folder_and_files(tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         load_tokenizer(str(empty))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_word_is_one_token_in_any_order(tmp_path, seed):
+    # Words that share pieces, shortest first: "right"'s merge "r i" lies inside "triangle",
+    # "re" inside "red" and "circle"; transformers' BPE must still see one token per word.
+    words = ["right", "re", "red", "triangle", "circle", "ci", "le", "left", "tri", "angle"]
+    rng = np.random.default_rng(seed)
+    words += ["".join(rng.choice(list("abcrt"), int(rng.integers(2, 9)))) for _ in range(30)]
+    if seed:
+        words = list(rng.permutation(words))
+    write_clip_tokenizer(str(tmp_path), words)
+    ref = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    split = {w: ref.tokenize(w) for w in words if len(ref.tokenize(w)) != 1}
+    assert not split

@@ -21,24 +21,55 @@ def _byte_symbols() -> list[str]:
     return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(extra))]
 
 
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    # CLIP's BPE: the last symbol is word-final; merge the lowest-ranked adjacent pair until none
+    # of the pairs is a merge.
+    parts = [*word[:-1], word[-1] + "</w>"]
+    while len(parts) > 1:
+        pairs = {(a, b) for a, b in zip(parts, parts[1:], strict=False)}
+        best = min(pairs, key=lambda p: ranks.get(p, len(ranks)))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
 def clip_vocab(words: Iterable[str] = ()) -> tuple[dict[str, int], list[str]]:
-    """Returns (vocab, merges) where every word in ``words`` becomes a single token."""
+    """Returns (vocab, merges) where every word in ``words`` becomes a single token.
+
+    Each word is first split by the merges made so far (a shorter word's merges can apply inside
+    it), then joined left to right by new merges. A new merge ranks after all earlier ones, so it
+    never changes how an earlier word is split: every word stays one token, whatever the order.
+    """
     symbols = _byte_symbols()
     vocab: dict[str, int] = {}
     for s in symbols + [s + "</w>" for s in symbols]:
         vocab[s] = len(vocab)
     merges: list[str] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in dict.fromkeys(w.lower() for w in words):
         if len(word) < 2 or not all(c in vocab for c in word):
             continue
-        left = word[0]
-        for i, c in enumerate(word[1:], start=1):
-            right = c + "</w>" if i == len(word) - 1 else c
-            merged = left + right
-            if merged not in vocab:
-                merges.append(f"{left} {right}")
-                vocab[merged] = len(vocab)
-            left = merged
+        parts = _bpe(word, ranks)
+        while len(parts) > 1:
+            left = parts[0]
+            for right in parts[1:]:
+                if (left, right) not in ranks:
+                    ranks[(left, right)] = len(merges)
+                    merges.append(f"{left} {right}")
+                left += right
+                vocab.setdefault(left, len(vocab))
+            # A new merge can also apply elsewhere in the same word ("c c" in "cccc"); split
+            # again and join what is left. Each round leaves fewer pieces.
+            parts = _bpe(word, ranks)
     vocab[BOS] = len(vocab)
     vocab[EOS] = len(vocab)
     return vocab, merges

@@ -214,9 +214,8 @@ def model_index() -> dict[str, Any]:
 def toy_tokenizer() -> Any:
     """CLIP tokenizer with one token per caption word.
 
-    Words go in longest first: ``write_clip_tokenizer`` ranks merges in word order, and a short
-    word's first merge inside a longer word ("r i" of "right" in "triangle") would otherwise
-    win and split the longer one.
+    Words go in longest first, the order that numbered the tokens of the shipped base
+    (``assets/toy_base/tokenizer``), so a rebuilt base reads the same token ids.
     """
     words = sorted(shapes.vocabulary(), key=lambda w: (-len(w), w))
     with tempfile.TemporaryDirectory() as tmp:
