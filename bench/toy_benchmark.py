@@ -26,6 +26,7 @@ line per evaluated model and the table at the end.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
@@ -50,9 +51,36 @@ def load_config(objective: str, arg: str = "demo") -> Any:
     return module.get_config(arg)
 
 
-def arm_config(objective: str, seed: int, steps: int, iterations: int) -> Any:
-    """The demo config of ``objective`` with the benchmark's seed and step budget."""
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.beta=2000", "sample.sampler=ddim"]`` -> ``{"train.beta": 2000, ...}``."""
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. train.beta=2000")
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text
+    return out
+
+
+def arm_config(
+    objective: str, seed: int, steps: int, iterations: int, overrides: dict[str, Any] | None = None
+) -> Any:
+    """The demo config of ``objective`` with the benchmark's seed, step budget and overrides
+    (``{"train.beta": 2000}``: every arm, before the step budget is applied)."""
     c = load_config(objective)
+    for key, value in (overrides or {}).items():
+        node, *parents = c, *key.split(".")[:-1]
+        for part in parents:
+            if part not in node:
+                raise KeyError(f"--set {key}: config has no field {part!r}")
+            node = node[part]
+        leaf = key.split(".")[-1]
+        if leaf not in node:
+            raise KeyError(f"--set {key}: config has no field {leaf!r}")
+        node[leaf] = value
     c.seed = seed
     c.toy_eval.enabled = False  # the benchmark evaluates every arm itself, on shared noise
     c.checkpoint.every_steps = steps
@@ -157,7 +185,7 @@ def run_seed(args: argparse.Namespace, seed: int, sd: Any) -> dict[str, dict[str
     results = _read_json(eval_path)
     timings = _read_json(os.path.join(seed_dir, "timings.json"))
     prompts = demo.eval_prompts()[: args.eval_prompts]
-    c0 = arm_config("spin", seed, args.steps, args.iterations)
+    c0 = arm_config("spin", seed, args.steps, args.iterations, args.overrides)
     eval_kwargs = dict(
         num_steps=int(c0.sample.num_steps),
         guidance_scale=float(c0.sample.guidance_scale),
@@ -179,7 +207,7 @@ def run_seed(args: argparse.Namespace, seed: int, sd: Any) -> dict[str, dict[str
         evaluate("base", sd.params["unet"])
     for objective in args.objectives:
         workdir = os.path.join(seed_dir, objective)
-        c = arm_config(objective, seed, args.steps, args.iterations)
+        c = arm_config(objective, seed, args.steps, args.iterations, args.overrides)
         if c.model.path != args.model_path:
             raise ValueError(f"{objective}: model {c.model.path} != {args.model_path}")
         models = checkpoints(objective, args.steps, args.iterations)
@@ -205,7 +233,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--images-per-prompt", type=int, default=4)
     p.add_argument("--eval-prompts", type=int, default=60, help="first N one-object captions")
     p.add_argument("--eval-seed", type=int, default=4321, help="seed s evaluates with this + s")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every arm, e.g. train.beta=2000")  # fmt: skip
     args = p.parse_args(argv)
+    try:
+        args.overrides = parse_overrides(args.set)
+    except ValueError as e:
+        p.error(str(e))
     if args.steps < 1 or args.iterations < 1 or args.images_per_prompt < 1:
         p.error("--steps, --iterations and --images-per-prompt must be >= 1")
     if not 1 <= args.eval_prompts <= 60:

@@ -39,6 +39,18 @@ def test_arms_get_equal_steps_and_data(demo_env, bench):
     assert bench.checkpoints("dpo", 5, 2) == [("dpo@5", 5, 1, 5), ("dpo@10", 10, 1, 10)]
 
 
+def test_overrides(demo_env, bench):
+    o = bench.parse_overrides(["train.beta=2000", "sample.sampler=ddim", "data.random_flip=True"])
+    assert o == {"train.beta": 2000, "sample.sampler": "ddim", "data.random_flip": True}
+    c = bench.arm_config("spin", 0, 5, 3, o)
+    assert c.train.beta == 2000 and list(c.train.betas) == [2000.0] * 3
+    assert c.sample.sampler == "ddim" and c.data.random_flip
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        bench.parse_overrides(["train.beta"])
+    with pytest.raises(KeyError, match="train.betta"):
+        bench.arm_config("sft", 0, 5, 3, {"train.betta": 1.0})
+
+
 def test_summary_statistics_and_table(bench):
     rng = np.random.default_rng(0)
     per_seed = {
