@@ -131,6 +131,45 @@ def summarize(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dic
     return out
 
 
+def paired_differences(
+    per_seed: dict[int, dict[str, dict[str, float]]], steps: int, iterations: int
+) -> list[dict[str, Any]]:
+    """SPIN iteration k minus every other model at the same optimizer steps (and the base), seed
+    by seed (the models of a seed share the evaluation noise): mean and std over seeds."""
+    rows = []
+    for k in range(1, iterations + 1):
+        spin = model_key("spin", k * steps)
+        others = ["base"] + [model_key(o, k * steps) for o in OBJECTIVES if o != "spin"]
+        for other in others:
+            seeds = [s for s, r in per_seed.items() if spin in r and other in r]
+            if not seeds:
+                continue
+            row = {"spin": spin, "other": other, "n": len(seeds)}
+            for m in ("fidelity", "distance"):
+                d = np.array([per_seed[s][spin][m] - per_seed[s][other][m] for s in seeds])
+                row[m] = {
+                    "mean": float(d.mean()),
+                    "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+                }
+            rows.append(row)
+    return rows
+
+
+def format_differences(rows: list[dict[str, Any]], steps: int) -> str:
+    lines = [
+        "| SPIN-Diffusion | minus | seeds | fidelity difference | distance difference |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        f, d = r["fidelity"], r["distance"]
+        lines.append(
+            f"| {_label(r['spin'], steps)[0].removeprefix('SPIN-Diffusion ')} "
+            f"| {_label(r['other'], steps)[0]} | {r['n']} | {f['mean']:+.3f} ± {f['std']:.3f} "
+            f"| {d['mean']:+.2f} ± {d['std']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def _label(key: str, steps: int) -> tuple[str, int]:
     if key == "base":
         return "base", 0
@@ -261,9 +300,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     per_seed = {seed: run_seed(args, seed, sd) for seed in args.seeds}
     summary = summarize(per_seed)
     table = format_markdown(summary, args.steps)
+    differences = paired_differences(per_seed, args.steps, args.iterations)
+    if differences:
+        table += (
+            "\n\nPaired by seed (same evaluation noise), SPIN-Diffusion minus each model at "
+            "equal optimizer steps; higher fidelity and lower distance are better:\n\n"
+            + format_differences(differences, args.steps)
+        )
     settings = {k: v for k, v in vars(args).items()}
     settings["devices"] = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
-    result = {"settings": settings, "per_seed": per_seed, "summary": summary}
+    result = {
+        "settings": settings,
+        "per_seed": per_seed,
+        "summary": summary,
+        "spin_minus_others": differences,
+    }
     _write_json(os.path.join(args.out, "results.json"), result)
     header = (
         f"Toy benchmark: seeds {args.seeds}, {args.iterations} x {args.steps} optimizer steps, "

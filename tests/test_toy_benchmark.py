@@ -81,6 +81,16 @@ def test_summary_statistics_and_table(bench):
     ]
     f = summary["spin@8"]["fidelity"]
     assert f"{f['mean']:.3f} ± {f['std']:.3f}" in table[-1]
+    # SPIN minus the others, seed by seed.
+    diffs = bench.paired_differences(per_seed, 4, 2)
+    assert [(r["spin"], r["other"]) for r in diffs] == [
+        ("spin@4", "base"), ("spin@4", "sft@4"), ("spin@8", "base"), ("spin@8", "sft@8")
+    ]  # fmt: skip
+    d = np.array([per_seed[s]["spin@8"]["distance"] - per_seed[s]["sft@8"]["distance"]
+                  for s in (0, 1, 2)])  # fmt: skip
+    assert diffs[-1]["distance"]["mean"] == pytest.approx(d.mean())
+    assert diffs[-1]["distance"]["std"] == pytest.approx(d.std(ddof=1))
+    assert "| iteration 2 | SFT | 3 |" in bench.format_differences(diffs, 4)
 
 
 def test_reduced_benchmark_end_to_end(demo_env, bench):
@@ -99,7 +109,8 @@ def test_reduced_benchmark_end_to_end(demo_env, bench):
     with open(os.path.join(out, "results.json")) as f:
         assert json.load(f)["summary"]["sft@2"]["n"] == 1
     with open(os.path.join(out, "results.md")) as f:
-        assert "| SPIN-Diffusion iteration 2 | 2 | 1 |" in f.read()
+        text = f.read()
+    assert "| SPIN-Diffusion iteration 2 | 2 | 1 |" in text and "| iteration 2 | SFT | 1 |" in text
     # SFT was read at both checkpoints of its one run, and they differ.
     sd = load_pretrained(demo.ensure_base())
     workdir = os.path.join(out, "seed_0", "sft")
