@@ -205,16 +205,9 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def run_seed(args: argparse.Namespace, seed: int, sd: Any) -> dict[str, dict[str, float]]:
     """Trains every arm of ``seed`` (resuming what exists) and evaluates every model."""
+    from spin_jax.files import write_json
     from spin_jax.toy import demo
     from spin_jax.train import selfplay
 
@@ -239,7 +232,7 @@ def run_seed(args: argparse.Namespace, seed: int, sd: Any) -> dict[str, dict[str
         r = demo.toy_eval(sd, {key: params}, prompts, eval_seed, **eval_kwargs)[key]
         r["seed"] = seed
         results[key] = r
-        _write_json(eval_path, results)
+        write_json(eval_path, results)
         print(json.dumps({"model": key, **r, "eval_seconds": round(time.time() - t0, 1)}))
 
     if "base" not in results:
@@ -254,7 +247,7 @@ def run_seed(args: argparse.Namespace, seed: int, sd: Any) -> dict[str, dict[str
             t0 = time.time()
             selfplay.run(c, workdir)
             timings.setdefault(objective, round(time.time() - t0, 1))
-            _write_json(os.path.join(seed_dir, "timings.json"), timings)
+            write_json(os.path.join(seed_dir, "timings.json"), timings)
         for key, _, iteration, step in models:
             if key not in results:
                 params = selfplay.load_iteration_params(workdir, iteration, sd.params["unet"], step)
@@ -290,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # Arms of later seeds compile the same programs again: keep them on disk.
         jax.config.update("jax_compilation_cache_dir", os.path.join(args.out, "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    from spin_jax.files import write_json
     from spin_jax.models import load_pretrained
     from spin_jax.toy import demo
 
@@ -315,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "summary": summary,
         "spin_minus_others": differences,
     }
-    _write_json(os.path.join(args.out, "results.json"), result)
+    write_json(os.path.join(args.out, "results.json"), result)
     header = (
         f"Toy benchmark: seeds {args.seeds}, {args.iterations} x {args.steps} optimizer steps, "
         f"{args.images_per_prompt} images x {args.eval_prompts} captions per model; "

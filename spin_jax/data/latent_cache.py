@@ -34,6 +34,7 @@ import numpy as np
 
 from spin_jax.data import transforms
 from spin_jax.data.sources import Source, hash_json
+from spin_jax.files import write_json
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -59,15 +60,6 @@ def write_npy_atomic(path: str, array: np.ndarray) -> None:
     tmp = f"{path}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     with open(tmp, "wb") as f:
         np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -149,13 +141,14 @@ class LatentCache:
         else:
             self.shard_size = int(shard_size)
             os.makedirs(self.dir, exist_ok=True)
-            write_json_atomic(
+            write_json(
                 manifest_path,
                 {
                     "key": self.key,
                     "shard_size": self.shard_size,
                     "reasons": list(transforms.SKIP_REASONS),
                 },
+                sort_keys=True,
             )
         self.num_shards = -(-self.num_records // self.shard_size)
         self._init_handles()

@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from spin_jax.data.latent_cache import _diff, write_json_atomic, write_npy_atomic
+from spin_jax.data.latent_cache import _diff, write_npy_atomic
 from spin_jax.data.sources import Source
+from spin_jax.files import write_json
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -96,7 +97,7 @@ class SyntheticStore:
                 )
         else:
             os.makedirs(self.dir, exist_ok=True)
-            write_json_atomic(path, manifest)
+            write_json(path, manifest, sort_keys=True)
         self._set_manifest(manifest)
 
     @classmethod

@@ -43,6 +43,7 @@ from spin_jax.eval import prompts as prompts_lib
 from spin_jax.eval import report as report_lib
 from spin_jax.eval import scorers as scorers_lib
 from spin_jax.eval.preprocess import to_uint8
+from spin_jax.files import write_json
 
 log = logging.getLogger("spin_jax")
 
@@ -93,14 +94,6 @@ def parse_models(spec: str) -> list[ModelSpec]:
     return out
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _progress(total: int, desc: str, unit: str):
     from tqdm import tqdm
 
@@ -120,7 +113,7 @@ def check_prompts(workdir: str, prompts: Sequence[prompts_lib.Prompt]) -> None:
                 f"{len(current)}); use another workdir or delete it"
             )
         return
-    _write_json(path, current)
+    write_json(path, current)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,7 +404,7 @@ def run(config: Any, workdir: str) -> dict:
             values = score_images(scorer, texts, paths[s.name], f"{m} {s.name}")
             out = _score_file(workdir, s.name, m)
             os.makedirs(os.path.dirname(out), exist_ok=True)
-            _write_json(
+            write_json(
                 out,
                 {
                     "metric": m,
@@ -498,5 +491,5 @@ def write_report(
         "groups": per_group,
         "grids": [g for g, _ in grids],
     }
-    _write_json(os.path.join(workdir, "report.json"), full)
+    write_json(os.path.join(workdir, "report.json"), full)
     return full

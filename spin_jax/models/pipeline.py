@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 from flax import linen as nn
 
 from spin_jax.diffusion.schedule import Schedule, schedule_from_config
+from spin_jax.files import write_json
 from spin_jax.models import convert
 from spin_jax.models.clip import text_encoder_from_config, text_encoder_param_shapes
 from spin_jax.models.tokenizer import Tokenizer, load_tokenizer
@@ -166,12 +166,6 @@ def load_pretrained(
     return StableDiffusion(unet, vae, text_encoder, tokenizer, schedule, params, configs, path)
 
 
-def _write_json(path: str, obj: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
 def save_pretrained(sd: StableDiffusion, path: str, params: Params | None = None) -> str:
     """Writes ``sd`` (with ``params``, default ``sd.params``) as a diffusers directory.
 
@@ -193,13 +187,17 @@ def save_pretrained(sd: StableDiffusion, path: str, params: Params | None = None
         folder = os.path.join(path, name)
         os.makedirs(folder, exist_ok=True)
         cfg_name = "config.json"
-        _write_json(os.path.join(folder, cfg_name), sd.configs[name])
+        write_json(os.path.join(folder, cfg_name), sd.configs[name], sort_keys=True)
         tensors = convert.flax_to_torch(jax.device_get(params[name]))
         tmp = os.path.join(folder, f".{stem}.safetensors.tmp")
         save_file(tensors, tmp, metadata={"format": "pt"})
         os.replace(tmp, os.path.join(folder, f"{stem}.safetensors"))
     os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
-    _write_json(os.path.join(path, "scheduler", "scheduler_config.json"), sd.configs["scheduler"])
+    write_json(
+        os.path.join(path, "scheduler", "scheduler_config.json"),
+        sd.configs["scheduler"],
+        sort_keys=True,
+    )
     sd.tokenizer.save(os.path.join(path, "tokenizer"))
     if sd.path and os.path.abspath(sd.path) != os.path.abspath(path):
         for name, entry in sd.configs["model_index"].items():
@@ -209,5 +207,5 @@ def save_pretrained(sd: StableDiffusion, path: str, params: Params | None = None
                 continue
             if isinstance(entry, list) and entry[0] is not None and not os.path.exists(dst):
                 shutil.copytree(src, dst)
-    _write_json(os.path.join(path, "model_index.json"), model_index)
+    write_json(os.path.join(path, "model_index.json"), model_index, sort_keys=True)
     return path

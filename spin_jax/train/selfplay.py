@@ -36,6 +36,7 @@ from spin_jax import parallel
 from spin_jax.data import sources as data_sources
 from spin_jax.data.latent_cache import open_latent_cache, params_fingerprint
 from spin_jax.data.synthetic_store import SyntheticStore
+from spin_jax.files import write_json
 from spin_jax.train import config as config_lib
 from spin_jax.train.optim import make_optimizer
 from spin_jax.train.state import TrainState
@@ -94,14 +95,6 @@ def _is_main() -> bool:
     return jax.process_index() == 0
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -135,7 +128,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
                     shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
     if _is_main():
         os.makedirs(workdir, exist_ok=True)
-        _write_json(path, config.to_dict())
+        write_json(path, config.to_dict(), sort_keys=True)
 
 
 class MetricWriter:
@@ -579,7 +572,7 @@ class Trainer:
                 **{k.removeprefix("train/"): v for k, v in self.last_metrics.items()},
             }
             if _is_main():
-                _write_json(summary_path, summary)
+                write_json(summary_path, summary, sort_keys=True)
             _barrier(f"iteration_{iteration}")
             line = (
                 f"iteration {iteration}: loss {summary.get('loss', float('nan')):.4f} "
