@@ -25,8 +25,6 @@ import collections
 import concurrent.futures
 import json
 import os
-import threading
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -34,7 +32,7 @@ import numpy as np
 
 from spin_jax.data import transforms
 from spin_jax.data.sources import Source, hash_json
-from spin_jax.files import write_json
+from spin_jax.files import LruCache, write_json, write_npy
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -53,16 +51,6 @@ def params_fingerprint(params: Any) -> str:
         h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}|".encode())
         h.update(arr.tobytes())
     return h.hexdigest()[:32]
-
-
-def write_npy_atomic(path: str, array: np.ndarray) -> None:
-    """np.save to a temporary file in the same folder, fsync, then rename over `path`."""
-    tmp = f"{path}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def sample_latents(mean: Any, logvar: Any, rng: Any, scaling_factor: float) -> Any:
@@ -151,21 +139,7 @@ class LatentCache:
                 sort_keys=True,
             )
         self.num_shards = -(-self.num_records // self.shard_size)
-        self._init_handles()
-
-    def _init_handles(self):
-        self._lock = threading.Lock()
-        self._open: collections.OrderedDict = collections.OrderedDict()
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop("_lock")
-        state.pop("_open")
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._init_handles()
+        self._shards = LruCache()
 
     def __repr__(self) -> str:
         return f"LatentCache({self.dir!r}, n={self.num_records}, shards={self.num_shards})"
@@ -291,9 +265,9 @@ class LatentCache:
             out_logvar = np.zeros(full_shape, dtype)
             if len(ok):
                 out_mean[ok], out_logvar[ok] = mean, logvar
-            write_npy_atomic(self._path(shard, f"{field}.mean"), out_mean)
-            write_npy_atomic(self._path(shard, f"{field}.logvar"), out_logvar)
-        write_npy_atomic(self._path(shard, "status"), status)  # last: marks the shard done
+            write_npy(self._path(shard, f"{field}.mean"), out_mean)
+            write_npy(self._path(shard, f"{field}.logvar"), out_logvar)
+        write_npy(self._path(shard, "status"), status)  # last: marks the shard done
         counts["shards_built"] += 1
         counts["records"] += n
         counts["ok"] += len(ok)
@@ -309,10 +283,9 @@ class LatentCache:
     # Read -----------------------------------------------------------------------------------
 
     def _arrays(self, shard: int) -> dict[str, np.ndarray]:
-        with self._lock:
-            if shard in self._open:
-                self._open.move_to_end(shard)
-                return self._open[shard]
+        return self._shards.get(shard, self._open_shard)
+
+    def _open_shard(self, shard: int) -> dict[str, np.ndarray]:
         if not self.shard_done(shard):
             raise FileNotFoundError(f"latent cache {self.dir}: shard {shard} is not built")
         arrays = {"status": np.load(self._path(shard, "status"))}
@@ -321,10 +294,6 @@ class LatentCache:
                 arrays[f"{field}_{part}"] = np.load(
                     self._path(shard, f"{field}.{part}"), mmap_mode="r"
                 )
-        with self._lock:
-            self._open[shard] = arrays
-            while len(self._open) > 32:  # bounded: each memmap holds a file descriptor
-                self._open.popitem(last=False)
         return arrays
 
     def status(self, index: int) -> str | None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import glob
 import os
-import threading
 from typing import Any
 
 import numpy as np
@@ -31,6 +30,7 @@ import pyarrow.parquet as pq
 from absl import logging
 
 from spin_jax.data.sources import VIEWS, Source, hash_json
+from spin_jax.files import LruCache
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 LARGE_ROW_GROUP = 256
@@ -138,23 +138,8 @@ class PickapicSource(Source):
                 "the latent cache (launch/prepare_data.py) for training.",
                 max_rg,
             )
-        self._init_cache()
-
-    def _init_cache(self):
-        self._lock = threading.Lock()
-        self._cache: collections.OrderedDict = collections.OrderedDict()
-        self._handles: dict[int, pq.ParquetFile] = {}
-
-    def __getstate__(self):
-        # File handles and cached row groups stay in the process that opened them.
-        state = dict(self.__dict__)
-        for k in ("_lock", "_cache", "_handles"):
-            state.pop(k)
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._init_cache()
+        self._groups = LruCache(self._row_group_cache)
+        self._handles = LruCache(len(self._files))
 
     def __len__(self) -> int:
         n = len(self._row)
@@ -180,21 +165,12 @@ class PickapicSource(Source):
         return record
 
     def _column(self, fid: int, group: int, column: str) -> pa.Array:
-        key = (fid, group, column)
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-            handle = self._handles.get(fid)
-        if handle is None:
-            handle = pq.ParquetFile(self._files[fid])
-        values = handle.read_row_group(group, columns=[column]).column(0).combine_chunks()
-        with self._lock:
-            self._handles[fid] = handle
-            self._cache[key] = values
-            while len(self._cache) > self._row_group_cache:
-                self._cache.popitem(last=False)
-        return values
+        return self._groups.get((fid, group, column), self._read_column)
+
+    def _read_column(self, key: tuple[int, int, str]) -> pa.Array:
+        fid, group, column = key
+        handle = self._handles.get(fid, lambda f: pq.ParquetFile(self._files[f]))
+        return handle.read_row_group(group, columns=[column]).column(0).combine_chunks()
 
     def _read_image(self, j: int, column: str) -> tuple[bytes | None, str | None]:
         fid, row = int(self._file_id[j]), int(self._row[j])

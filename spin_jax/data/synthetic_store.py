@@ -20,18 +20,16 @@ model's (scaled) latent space, float16 by default.
 
 from __future__ import annotations
 
-import collections
 import json
 import os
-import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
-from spin_jax.data.latent_cache import _diff, write_npy_atomic
+from spin_jax.data.latent_cache import _diff
 from spin_jax.data.sources import Source
-from spin_jax.files import write_json
+from spin_jax.files import LruCache, write_json, write_npy
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -120,21 +118,7 @@ class SyntheticStore:
         self.shard_size = manifest["shard_size"]
         self.dtype = np.dtype(manifest["dtype"])
         self.num_shards = -(-self.num_records // self.shard_size)
-        self._init_handles()
-
-    def _init_handles(self):
-        self._lock = threading.Lock()
-        self._open: collections.OrderedDict = collections.OrderedDict()
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop("_lock")
-        state.pop("_open")
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._init_handles()
+        self._shards = LruCache()
 
     def __repr__(self) -> str:
         return f"SyntheticStore({self.dir!r}, n={self.num_records}, shards={self.num_shards})"
@@ -179,14 +163,13 @@ class SyntheticStore:
             )
         if not np.all(np.isfinite(latents)):
             raise ValueError(f"synthetic store shard {shard}: latents contain NaN or inf")
-        write_npy_atomic(self._path(shard, "latents"), latents.astype(self.dtype))
-        write_npy_atomic(self._path(shard, "index"), indices.astype(np.int64))  # last: done
+        write_npy(self._path(shard, "latents"), latents.astype(self.dtype))
+        write_npy(self._path(shard, "index"), indices.astype(np.int64))  # last: done
 
     def _latents(self, shard: int) -> np.ndarray:
-        with self._lock:
-            if shard in self._open:
-                self._open.move_to_end(shard)
-                return self._open[shard]
+        return self._shards.get(shard, self._open_shard)
+
+    def _open_shard(self, shard: int) -> np.ndarray:
         if not self.shard_done(shard):
             raise FileNotFoundError(
                 f"synthetic store {self.dir}: shard {shard} is not generated yet"
@@ -201,10 +184,6 @@ class SyntheticStore:
             raise ValueError(
                 f"synthetic store {self._path(shard, 'latents')}: shape {latents.shape}"
             )
-        with self._lock:
-            self._open[shard] = latents
-            while len(self._open) > 32:  # bounded: each memmap holds a file descriptor
-                self._open.popitem(last=False)
         return latents
 
     def get(self, index: int) -> np.ndarray:

@@ -38,20 +38,6 @@ RESOLUTION = 32
 DATA_SEED = 0
 NUM_CLEAN = 240  # 4 of each of the 60 one-object scenes on average
 NUM_PAIRS = 240
-GRID_PROMPTS = (
-    "a red circle on the left",
-    "a green square at the top",
-    "a blue triangle on the right",
-    "a yellow circle at the bottom",
-    "a red triangle in the center",
-    "a blue square on the left",
-    "a green triangle at the bottom",
-    "a yellow square on the right",
-    "a blue circle at the top",
-    "a green circle in the center",
-    "a red square at the bottom",
-    "a yellow triangle on the left",
-)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,7 +219,7 @@ def demo_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = c.train.steps
     c.checkpoint.max_to_keep = 1
     c.log.every_steps = 10
-    c.log.grid_prompts = GRID_PROMPTS
+    c.log.grid_prompts = shapes.GRID_PROMPTS
     c.log.grid_seed = 1234
     c.mesh.data = -1
     c.mesh.fsdp = 1

@@ -69,18 +69,6 @@ from spin_jax.toy import shapes
 
 RESOLUTION = 32
 MAX_LENGTH = 77
-# Caption objects sampled for the grids of the pretraining run.
-GRID_PROMPTS = (
-    "a red circle on the left",
-    "a green square at the top",
-    "a blue triangle on the right",
-    "a yellow circle at the bottom",
-    "a red triangle in the center",
-    "a blue square on the left",
-    "a green triangle at the bottom",
-    "a yellow square on the right",
-    "a blue circle at the top",
-)
 # The settings of the shipped base (assets/toy_base); build_base's defaults.
 DEFAULTS = {
     "seed": 0,
@@ -432,7 +420,7 @@ def sft_config(
     c.sample.guidance_scale = 3.0
     c.checkpoint.every_steps = max(1, min(500, steps))
     c.log.every_steps = max(1, min(50, steps))
-    c.log.grid_prompts = GRID_PROMPTS
+    c.log.grid_prompts = shapes.GRID_PROMPTS[:9]
     return c
 
 
@@ -552,7 +540,7 @@ def build_base(
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(sd, tmp, params=dict(sd.params, unet=unet))
     grid = os.path.join(run_dir, "iteration_1", "grid.png")
-    if os.path.isfile(grid):  # the pretraining run's samples of GRID_PROMPTS, for a look
+    if os.path.isfile(grid):  # the pretraining run's samples of shapes.GRID_PROMPTS[:9], for a look
         shutil.copy(grid, os.path.join(tmp, "pretrain_grid.png"))
     report["seconds"]["total"] = round(time.time() - t_all, 1)
     with open(os.path.join(tmp, "build_report.json"), "w") as f:

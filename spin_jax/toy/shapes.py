@@ -73,6 +73,21 @@ NOISY_SIZE_RANGE = (0.30, 0.44)
 NOISY_POSITION_JITTER = 0.05  # fraction of the image side, uniform in [-j, j] per axis
 NOISY_HUE_JITTER = 8.0  # degrees
 _SUPERSAMPLE = 4
+# One caption per color, shape and position, for the image grids of the pretraining and demo runs.
+GRID_PROMPTS = (
+    "a red circle on the left",
+    "a green square at the top",
+    "a blue triangle on the right",
+    "a yellow circle at the bottom",
+    "a red triangle in the center",
+    "a blue square on the left",
+    "a green triangle at the bottom",
+    "a yellow square on the right",
+    "a blue circle at the top",
+    "a green circle in the center",
+    "a red square at the bottom",
+    "a yellow triangle on the left",
+)
 
 _OBJECT_RE = "a ({c}) ({s}) ({p})".format(
     c="|".join(COLORS),
