@@ -6,6 +6,8 @@ import warnings
 import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from spin_jax import parallel
 from spin_jax.diffusion import generate
@@ -122,6 +124,19 @@ def test_keys_reproduce_and_compiled_function_is_reused(tiny, sd1_images):
     np.testing.assert_allclose(b, a[perm], atol=1e-5)
     # Same static configuration and shapes: no new function and no recompilation.
     assert cache.keys() == fns.keys()
+    assert all(f._cache_size() == 1 for f in cache.values() if callable(f))
+
+
+def test_params_from_another_mesh_reuse_the_compiled_sampler(tiny, sd1_images):
+    # The trainer hands over params laid out on its own (data, fsdp) mesh: same devices, same
+    # replicated values, another sharding object. The sampler must not compile again.
+    sd, _ = tiny["sd1"]
+    other = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+    params = jax.device_put(sd.params, NamedSharding(other, P()))
+    images = generate(sd, params, sd.tokenize(PROMPTS), jax.random.key(0), num_steps=7,
+                      guidance_scale=7.5, height=SIZE, width=SIZE)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(images), np.asarray(sd1_images), atol=1e-6)
+    cache = generate_lib._CACHE[id(sd)][1]
     assert all(f._cache_size() == 1 for f in cache.values() if callable(f))
 
 

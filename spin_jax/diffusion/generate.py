@@ -43,12 +43,12 @@ def place_params(params: Any, mesh: Mesh) -> Any:
     rep = parallel.replicated(mesh)
 
     def place(x):
-        if isinstance(x, jax.Array):
-            s = x.sharding
-            if isinstance(s, NamedSharding) and s.mesh == mesh:
-                return x
-            if s.is_equivalent_to(rep, x.ndim):
-                return x
+        if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding):
+            if x.sharding.mesh == mesh:
+                return x  # laid out on this mesh already (replicated or sharded)
+        # Copied where it lives elsewhere; where it is already replicated on these devices under
+        # another sharding, the same buffers are relabelled (no copy). Either way the sampler
+        # sees one sharding and compiles once: jit keys its programs by input sharding.
         return jax.device_put(x, rep)
 
     return jax.tree.map(place, params)
