@@ -205,11 +205,13 @@ def kto(
     axis_name: str | None = None,
     lambda_d: float = 1.0,
     lambda_u: float = 1.0,
+    z0: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """Diffusion-KTO on unpaired samples labelled desirable (1/True) or undesirable (0/False).
 
     ``g = e_ref - e_theta``; ``z0 = max(0, stop_gradient(mean g))`` over the global batch (the
-    whole array under jit; also averaged over ``axis_name`` when given);
+    whole array under jit; also averaged over ``axis_name`` when given), or ``z0`` as given (a
+    train step that accumulates micro-batches computes it over all of them first);
     ``L = mean lambda_y * (1 - sigmoid(s * beta * (g - z0)))`` with s = +1 / -1.
     """
     check_beta(beta, "kto")
@@ -218,7 +220,9 @@ def kto(
     err_policy = err_policy.astype(jnp.float32)
     err_ref = jax.lax.stop_gradient(err_ref).astype(jnp.float32)
     g = err_ref - err_policy
-    z0 = jnp.maximum(0.0, jax.lax.stop_gradient(_mean(g, axis_name)))
+    if z0 is None:
+        z0 = jnp.maximum(0.0, _mean(g, axis_name))
+    z0 = jax.lax.stop_gradient(jnp.asarray(z0, jnp.float32))
     sign = jnp.where(desirable, 1.0, -1.0)
     lam = jnp.where(desirable, lambda_d, lambda_u)
     u = sign * beta * (g - z0)

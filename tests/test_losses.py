@@ -23,9 +23,9 @@ def np_pairwise(pw, pl, rw, rl, beta, sign_l=1.0):
     return np.mean(_np_neg_log_sigmoid(inside)), np.mean(inside > 0), np.mean(inside)
 
 
-def np_kto(p, r, desirable, beta, lam_d=1.0, lam_u=1.0):
+def np_kto(p, r, desirable, beta, lam_d=1.0, lam_u=1.0, z0=None):
     g = r - p
-    z0 = max(0.0, g.mean())
+    z0 = max(0.0, g.mean()) if z0 is None else z0
     s = np.where(desirable, 1.0, -1.0)
     lam = np.where(desirable, lam_d, lam_u)
     return np.mean(lam * (1 - 1 / (1 + np.exp(-s * beta * (g - z0))))), z0
@@ -100,6 +100,18 @@ def test_kto_matches_numpy(use_jit):
     np.testing.assert_allclose(
         losses.kto(p, r, desirable.astype(np.int32), beta)[0], losses.kto(p, r, desirable, beta)[0]
     )
+
+
+def test_kto_given_z0():
+    # A train step that accumulates micro-batches passes the whole batch's z0.
+    p, r, _, _ = _errors(4)
+    desirable = np.arange(B) % 2 == 0
+    loss, metrics = losses.kto(p, r, desirable, 25.0, z0=np.float32(0.03))
+    want, _ = np_kto(p.astype(np.float64), r.astype(np.float64), desirable, 25.0, z0=0.03)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    assert float(metrics["z0"]) == pytest.approx(0.03)
+    grad = jax.grad(lambda z: losses.kto(p, r, desirable, 25.0, z0=z)[0])(0.03)
+    assert float(grad) == 0.0  # a reference point, not a parameter
 
 
 def test_kto_z0_clamped_at_zero():

@@ -189,11 +189,16 @@ def test_fsdp_sharded_state_equals_replicated():
     np.testing.assert_allclose(m_f[-1]["loss"], m_dp[-1]["loss"], rtol=1e-5)
 
 
-def test_accumulation_equals_big_batch():
-    # 2 micro-batches of 8 (each spread over the 8 devices) == one batch of 16.
-    batch = make_batch("spin", 16, seed=1)
-    big, m_big, _ = run_steps("spin", MESH8, batch, n_steps=1)
-    acc, m_acc, _ = run_steps("spin", MESH8, batch, n_steps=1, accum_steps=2)
+@pytest.mark.parametrize("objective", ["spin", "kto"])
+def test_accumulation_equals_big_batch(objective):
+    # 2 micro-batches of 8 (each spread over the 8 devices) == one batch of 16. For KTO this
+    # needs z0 from the whole batch, not from each micro-batch.
+    batch = make_batch(objective, 16, seed=1)
+    big, m_big, _ = run_steps(objective, MESH8, batch, n_steps=1, ref_shift=0.05)
+    acc, m_acc, _ = run_steps(objective, MESH8, batch, n_steps=1, accum_steps=2, ref_shift=0.05)
+    if objective == "kto":
+        assert m_big[0]["z0"] > 0  # the reference point is active in this batch
+        np.testing.assert_allclose(m_acc[0]["z0"], m_big[0]["z0"], rtol=1e-5)
     np.testing.assert_allclose(m_acc[0]["loss"], m_big[0]["loss"], rtol=1e-5)
     np.testing.assert_allclose(m_acc[0]["grad_norm"], m_big[0]["grad_norm"], rtol=1e-4)
     np.testing.assert_allclose(m_acc[0]["implicit_acc"], m_big[0]["implicit_acc"])

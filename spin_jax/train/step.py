@@ -16,8 +16,8 @@ Randomness comes from ``key`` only: ``t ~ U{0..T-1}`` per example (one t per pai
 per image; within a pair the noise is shared for DPO always, for SPIN/SePPO iff ``share_noise``.
 Noise and t are drawn for the whole global batch before it is cut into micro-batches, so
 ``accum_steps = k`` computes the same update as one batch k times larger (up to float summation
-order). KTO's reference point z0 is then the mean over each micro-batch (itself spread over all
-devices), not over the k micro-batches together.
+order), KTO included: its reference point z0 is a mean over the whole global batch, so with
+``k > 1`` a gradient-free pass over the k micro-batches computes it first.
 
 Non-finite loss or gradients: the update is skipped and the returned state equals the input
 state (step not advanced); ``metrics["is_finite"]`` is False so the trainer can stop or refuse to
@@ -166,7 +166,7 @@ def make_train_step(
     pairwise = objective in PAIRWISE
     needs_ref = objective != "sft"
 
-    def micro_step(params, ref_params, text_params, mb):
+    def model_inputs(text_params, mb):
         if "context" in mb:
             ctx = mb["context"]
         else:
@@ -181,10 +181,21 @@ def make_train_step(
         else:
             x0, noise = mb[fields[0]].astype(jnp.float32), mb["noise_a"]
         x_t, target = _noisy_and_target(x0, noise, t, sqrt_ab, sqrt_1m_ab, prediction_type)
-        err_ref = None
-        if needs_ref:
-            pred_ref = unet_apply(jax.lax.stop_gradient(ref_params), x_t, t, ctx)
-            err_ref = jax.lax.stop_gradient(losses.per_sample_error(pred_ref, target))
+        return x_t, t, ctx, target
+
+    def ref_error(ref_params, x_t, t, ctx, target):
+        pred_ref = unet_apply(jax.lax.stop_gradient(ref_params), x_t, t, ctx)
+        return jax.lax.stop_gradient(losses.per_sample_error(pred_ref, target))
+
+    def kto_reward(params, ref_params, text_params, mb):
+        # Mean implicit reward g = e_ref - e_theta of one micro-batch, without gradients.
+        x_t, t, ctx, target = model_inputs(text_params, mb)
+        err = losses.per_sample_error(unet_apply(params, x_t, t, ctx), target)
+        return jnp.mean(ref_error(ref_params, x_t, t, ctx, target) - err)
+
+    def micro_step(params, ref_params, text_params, mb, z0=None):
+        x_t, t, ctx, target = model_inputs(text_params, mb)
+        err_ref = ref_error(ref_params, x_t, t, ctx, target) if needs_ref else None
 
         def objective_loss(p):
             err = losses.per_sample_error(unet_apply(p, x_t, t, ctx), target)
@@ -192,7 +203,8 @@ def make_train_step(
                 return loss_fn(err)
             if objective == "kto":
                 desirable = mb["label"] > 0.5
-                return loss_fn(err, err_ref, desirable, beta, lambda_d=lambda_d, lambda_u=lambda_u)
+                return loss_fn(err, err_ref, desirable, beta, lambda_d=lambda_d,
+                               lambda_u=lambda_u, z0=z0)  # fmt: skip
             n = err.shape[0] // 2
             return loss_fn(err[:n], err[n:], err_ref[:n], err_ref[n:], beta)
 
@@ -242,9 +254,19 @@ def make_train_step(
                 return x
 
             stacked = jax.tree.map(split, inputs)
+            z0 = None
+            if objective == "kto":
+                # z0 is a statistic of the whole global batch (ALGORITHMS.md), not of one
+                # micro-batch: a gradient-free pass over all of them first (one more forward of
+                # each model per step, only for KTO with accumulation).
+                def reward(_, mb):
+                    return None, kto_reward(state.params, ref_params, text_params, mb)
+
+                _, rewards = jax.lax.scan(reward, None, stacked)
+                z0 = jnp.maximum(0.0, jnp.mean(rewards))
 
             def body(grad_sum, mb):
-                loss, metrics, grads = micro_step(state.params, ref_params, text_params, mb)
+                loss, metrics, grads = micro_step(state.params, ref_params, text_params, mb, z0)
                 return jax.tree.map(jnp.add, grad_sum, grads), (loss, metrics)
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
