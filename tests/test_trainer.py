@@ -98,11 +98,19 @@ def _unet_leaves(workdir, iteration, model_dir):
     return [np.asarray(x) for x in jax.tree.leaves(params)]
 
 
-def test_spin_two_iterations_and_export(model_dir, folder, tmp_path):
+def test_spin_two_iterations_and_export(model_dir, folder, tmp_path, monkeypatch):
     workdir = str(tmp_path / "run")
+    traces = []
+    make = selfplay.make_train_step
+    monkeypatch.setattr(
+        selfplay, "make_train_step", lambda *a, **k: traces.append(1) or make(*a, **k)
+    )
     summaries = selfplay.run(tiny_config("spin", model_dir, folder), workdir)
     assert [s["iteration"] for s in summaries] == [1, 2]
     assert [s["beta"] for s in summaries] == [50.0, 100.0]
+    # Both iterations, with their different betas, ran the train step traced (and so compiled)
+    # once: make_train_step runs while the step is traced.
+    assert len(traces) == 1
     for k in (1, 2):
         it = os.path.join(workdir, f"iteration_{k}")
         assert os.path.isfile(os.path.join(it, "grid.png"))

@@ -39,8 +39,8 @@ from spin_jax.data.synthetic_store import SyntheticStore
 from spin_jax.files import write_json
 from spin_jax.train import config as config_lib
 from spin_jax.train.optim import make_optimizer
-from spin_jax.train.state import TrainState
-from spin_jax.train.step import make_train_step
+from spin_jax.train.state import TrainState, state_sharding
+from spin_jax.train.step import jit_train_step, make_train_step
 
 log = logging.getLogger("spin_jax")
 
@@ -491,7 +491,9 @@ class Trainer:
             log.info("iteration %d: resumed from step %d", iteration, start)
         start = int(state.step)
         if self._step_jit is None:
-            self._step_jit = jax.jit(self._step_fn(), donate_argnums=(0,))
+            # The output state keeps the input's layout, so step 2 onwards (and every later
+            # iteration) calls the executable compiled for step 1.
+            self._step_jit = jit_train_step(self._step_fn(), state_sharding(state))
         beta_arg = parallel.replicate(np.float32(beta), self.mesh)
         ref = parallel.replicate(ref_params, self.mesh)
         text = parallel.replicate(sd.params["text_encoder"], self.mesh)
