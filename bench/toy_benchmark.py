@@ -1,6 +1,6 @@
 r"""Toy benchmark: SPIN-Diffusion against SFT, Diffusion-DPO and Diffusion-KTO in the toy world.
 
-  python bench/toy_benchmark.py --out runs/toy_benchmark --seeds 0 1 2
+  python bench/toy_benchmark.py --out runs/toy_benchmark --seeds 0 1 2 3 4
 
 Every arm starts from the shipped toy base (``assets/toy_base``) with the demo's settings
 (``configs/<objective>.py:demo``: 32 px, AdamW lr 1e-5 constant after 5 warmup steps, batch 16,
@@ -258,7 +258,7 @@ def run_seed(args: argparse.Namespace, seed: int, sd: Any) -> dict[str, dict[str
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/toy_benchmark")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per SPIN iteration")
     p.add_argument("--iterations", type=int, default=3)
