@@ -59,6 +59,7 @@ import numpy as np
 import optax
 
 from spin_jax.diffusion.schedule import schedule_from_config
+from spin_jax.models import presets
 from spin_jax.models.clip import text_encoder_from_config, text_encoder_param_shapes
 from spin_jax.models.pipeline import StableDiffusion, save_pretrained
 from spin_jax.models.tiny import EOS, write_clip_tokenizer
@@ -168,20 +169,9 @@ def text_encoder_config(vocab_size: int, bos_id: int, eos_id: int, pad_id: int,
 
 def scheduler_config() -> dict[str, Any]:
     """SD 1.x's noise schedule (scaled_linear 0.00085..0.012, eps prediction) as a DDIM config."""
-    return {
-        "_class_name": "DDIMScheduler",
-        "_diffusers_version": "0.42.1",
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "beta_start": 0.00085,
-        "clip_sample": False,
-        "num_train_timesteps": 1000,
-        "prediction_type": "epsilon",
-        "set_alpha_to_one": False,
-        "steps_offset": 1,
-        "timestep_spacing": "leading",
-        "trained_betas": None,
-    }
+    config = {k: v for k, v in presets.SD15_SCHEDULER.items() if k != "skip_prk_steps"}
+    return {**config, "_class_name": "DDIMScheduler", "_diffusers_version": "0.42.1",
+            "timestep_spacing": "leading"}  # fmt: skip
 
 
 def model_index() -> dict[str, Any]:
