@@ -209,7 +209,8 @@ def run_seed(args: argparse.Namespace, seed: int, sd: Any) -> dict[str, dict[str
     """Trains every arm of ``seed`` (resuming what exists) and evaluates every model."""
     from spin_jax.files import write_json
     from spin_jax.toy import demo
-    from spin_jax.train import selfplay
+    from spin_jax.train import checkpoints as ckpt
+    from spin_jax.train import loop
 
     seed_dir = os.path.join(args.out, f"seed_{seed}")
     os.makedirs(seed_dir, exist_ok=True)
@@ -245,12 +246,12 @@ def run_seed(args: argparse.Namespace, seed: int, sd: Any) -> dict[str, dict[str
         models = checkpoints(objective, args.steps, args.iterations)
         if any(key not in results for key, *_ in models):
             t0 = time.time()
-            selfplay.run(c, workdir)
+            loop.run(c, workdir)
             timings.setdefault(objective, round(time.time() - t0, 1))
             write_json(os.path.join(seed_dir, "timings.json"), timings)
         for key, _, iteration, step in models:
             if key not in results:
-                params = selfplay.load_iteration_params(workdir, iteration, sd.params["unet"], step)
+                params = ckpt.load_iteration_params(workdir, iteration, sd.params["unet"], step)
                 evaluate(key, params)
     return results
 

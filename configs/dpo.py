@@ -8,6 +8,7 @@ base model for the whole run; ties dropped; beta 5000, lr 2.048e-5 (1e-8 x 2048)
 schedule with 500 warmup steps, 2000 steps, batch 2048, caption dropout 0.2.
 """
 
+from spin_jax.toy.demo import with_preset
 from spin_jax.train.config import base_config
 
 
@@ -27,10 +28,4 @@ def get_config(arg: str | None = None):
     c.model.dtype = "bfloat16"
     c.model.attention_impl = "cudnn"
     c.model.remat = True
-    if arg == "demo":
-        from spin_jax.toy.demo import demo_config
-
-        return demo_config(c)
-    if arg:
-        raise ValueError(f"configs/dpo.py: unknown preset {arg!r} (known: demo)")
-    return c
+    return with_preset(c, arg, __file__)

@@ -8,6 +8,7 @@ Produces runs/kto/iteration_1/ with the trained UNet, a grid and metrics. beta 5
 desirable ratio 0.8 in each batch.
 """
 
+from spin_jax.toy.demo import with_preset
 from spin_jax.train.config import base_config
 
 
@@ -27,10 +28,4 @@ def get_config(arg: str | None = None):
     c.train.beta = 5000.0
     c.model.dtype = "bfloat16"
     c.model.attention_impl = "cudnn"
-    if arg == "demo":
-        from spin_jax.toy.demo import demo_config
-
-        return demo_config(c)
-    if arg:
-        raise ValueError(f"configs/kto.py: unknown preset {arg!r} (known: demo)")
-    return c
+    return with_preset(c, arg, __file__)

@@ -8,6 +8,7 @@ The sources do not list SFT's own hyperparameters; this config uses SPIN-Diffusi
 settings and one iteration's step budget (choice).
 """
 
+from spin_jax.toy.demo import with_preset
 from spin_jax.train.config import base_config
 
 
@@ -25,10 +26,4 @@ def get_config(arg: str | None = None):
     c.model.dtype = "bfloat16"
     c.model.attention_impl = "cudnn"
     c.model.remat = True
-    if arg == "demo":
-        from spin_jax.toy.demo import demo_config
-
-        return demo_config(c)
-    if arg:
-        raise ValueError(f"configs/sft.py: unknown preset {arg!r} (known: demo)")
-    return c
+    return with_preset(c, arg, __file__)

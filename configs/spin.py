@@ -11,6 +11,7 @@ with launch/export.py. The paper's setup (ALGORITHMS.md): beta 2000 then 5000, A
 Presets: `configs/spin.py:demo` runs the whole loop on the built-in toy world on a CPU.
 """
 
+from spin_jax.toy.demo import with_preset
 from spin_jax.train.config import base_config
 
 
@@ -35,10 +36,4 @@ def get_config(arg: str | None = None):
     c.sample.num_steps = 20
     c.sample.guidance_scale = 7.5
     c.sample.batch_size = 64
-    if arg == "demo":
-        from spin_jax.toy.demo import demo_config
-
-        return demo_config(c)
-    if arg:
-        raise ValueError(f"configs/spin.py: unknown preset {arg!r} (known: demo)")
-    return c
+    return with_preset(c, arg, __file__)

@@ -15,8 +15,6 @@ global batch. Inside ``shard_map``/``pmap`` pass ``axis_name`` to average over t
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -241,21 +239,3 @@ def kto(
         "desirable_frac": _mean(desirable.astype(jnp.float32), axis_name),
     }
     return loss, metrics
-
-
-# Name -> loss function. Pairwise losses take (policy_w, policy_l, ref_w, ref_l, beta).
-# PSO (ALGORITHMS.md) adds an entry here with the same pairwise signature.
-LOSSES: dict[str, Callable[..., tuple[jax.Array, Metrics]]] = {
-    "sft": sft,
-    "spin": spin,
-    "dpo": dpo,
-    "kto": kto,
-    "seppo": seppo,
-}
-
-
-def get_loss(name: str) -> Callable[..., tuple[jax.Array, Metrics]]:
-    """The loss function registered under ``name``; a ValueError lists the known names."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; known losses: {sorted(LOSSES)}")
-    return LOSSES[name]

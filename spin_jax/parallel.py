@@ -76,6 +76,29 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(put, tree)
 
 
+def local_copy(tree: Any) -> Any:
+    """Each leaf as something this process holds whole: the array itself when all its devices
+    are local, one local shard of a replicated global array (no transfer between hosts), or,
+    for a global array split across processes (fsdp), a host copy gathered by a collective
+    (every process must call this then)."""
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return x
+        if x.is_fully_replicated:
+            return x.addressable_shards[0].data
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)
+
+
+def local_mesh() -> Mesh:
+    """This process's devices on one ``data`` axis (sampling needs no other process)."""
+    return Mesh(np.array(jax.local_devices()), ("data",))
+
+
 def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "global batch") -> None:
     """ValueError unless ``batch_size`` splits evenly over the data-parallel devices."""
     n = data_parallel_size(mesh)

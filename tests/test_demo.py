@@ -75,7 +75,7 @@ def test_format_table():
 
 
 def test_demo_runs_end_to_end_at_reduced_size(demo_env):
-    from spin_jax.train import selfplay
+    from spin_jax.train import checkpoints, loop
 
     c = _get_config("spin")
     c.iterations = 2
@@ -90,11 +90,13 @@ def test_demo_runs_end_to_end_at_reduced_size(demo_env):
     c.log.grid_prompts = c.log.grid_prompts[:4]
     c.toy_eval.images_per_prompt = 1
     workdir = str(demo_env / "run")
-    summaries = selfplay.run(c, workdir)
+    summaries = loop.run(c, workdir)
     assert [s["iteration"] for s in summaries] == [1, 2]
     for k in (1, 2):
         assert os.path.isfile(os.path.join(workdir, f"iteration_{k}", "grid.png"))
-    # The trainer ends with the judge's table (config.toy_eval.enabled).
+    # The launcher ends with the judge's table (config.toy_eval.enabled); the trainer does not.
+    assert not os.path.exists(os.path.join(workdir, "toy_eval.json"))
+    demo.demo_report(workdir, c)
     with open(os.path.join(workdir, "toy_eval.json")) as f:
         results = json.load(f)
     assert list(results) == ["base", "spin iteration 1", "spin iteration 2"]
@@ -105,6 +107,6 @@ def test_demo_runs_end_to_end_at_reduced_size(demo_env):
     assert os.path.isfile(os.path.join(workdir, "toy_eval", "base.png"))
     # The trained iterations differ from the base.
     sd = load_pretrained(c.model.path)
-    it1 = selfplay.load_iteration_params(workdir, 1, sd.params["unet"])
+    it1 = checkpoints.load_iteration_params(workdir, 1, sd.params["unet"])
     diff = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), it1, sd.params["unet"])
     assert max(jax.tree.leaves(diff)) > 0

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from tiny_sd import make_tiny_sd
 
-from spin_jax.train import selfplay
+from spin_jax.train import checkpoints, loop
 from spin_jax.train.config import base_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,18 +94,16 @@ def _unet_leaves(workdir, iteration, model_dir):
     from spin_jax.models import load_pretrained
 
     like = load_pretrained(model_dir).params["unet"]
-    params = selfplay.load_iteration_params(workdir, iteration, like)
+    params = checkpoints.load_iteration_params(workdir, iteration, like)
     return [np.asarray(x) for x in jax.tree.leaves(params)]
 
 
 def test_spin_two_iterations_and_export(model_dir, folder, tmp_path, monkeypatch):
     workdir = str(tmp_path / "run")
     traces = []
-    make = selfplay.make_train_step
-    monkeypatch.setattr(
-        selfplay, "make_train_step", lambda *a, **k: traces.append(1) or make(*a, **k)
-    )
-    summaries = selfplay.run(tiny_config("spin", model_dir, folder), workdir)
+    make = loop.make_train_step
+    monkeypatch.setattr(loop, "make_train_step", lambda *a, **k: traces.append(1) or make(*a, **k))
+    summaries = loop.run(tiny_config("spin", model_dir, folder), workdir)
     assert [s["iteration"] for s in summaries] == [1, 2]
     assert [s["beta"] for s in summaries] == [50.0, 100.0]
     # Both iterations, with their different betas, ran the train step traced (and so compiled)
@@ -131,7 +129,7 @@ def test_spin_two_iterations_and_export(model_dir, folder, tmp_path, monkeypatch
     s2 = SyntheticStore.open(os.path.join(workdir, "iteration_2", "synthetic")).read(range(4))
     assert not np.allclose(s1, s2)
     # A finished run restarted does nothing more and returns the same summaries.
-    again = selfplay.run(tiny_config("spin", model_dir, folder), workdir)
+    again = loop.run(tiny_config("spin", model_dir, folder), workdir)
     assert again == summaries
     # Export loads in diffusers with the trained UNet.
     out = str(tmp_path / "export")
@@ -152,7 +150,7 @@ def test_spin_two_iterations_and_export(model_dir, folder, tmp_path, monkeypatch
     unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "unet"))
     from spin_jax.models import load_pretrained
 
-    ours = selfplay.load_iteration_params(workdir, 2, load_pretrained(model_dir).params["unet"])
+    ours = checkpoints.load_iteration_params(workdir, 2, load_pretrained(model_dir).params["unet"])
     np.testing.assert_array_equal(
         unet.conv_in.weight.detach().permute(2, 3, 1, 0).numpy(),
         np.asarray(ours["conv_in"]["kernel"]),
@@ -167,7 +165,7 @@ def test_baselines_run(objective, model_dir, folder, parquet, tmp_path):
     c = tiny_config(objective, model_dir, data, source)
     if objective == "kto":
         c.data.kto_desirable_ratio = 0.5
-    (summary,) = selfplay.run(c, str(tmp_path / objective))
+    (summary,) = loop.run(c, str(tmp_path / objective))
     assert summary["objective"] == objective and np.isfinite(summary["loss"])
     assert os.path.isfile(str(tmp_path / objective / "iteration_1" / "grid.png"))
     assert not os.path.exists(str(tmp_path / objective / "iteration_1" / "synthetic"))
@@ -177,12 +175,12 @@ def test_workdir_with_other_config_is_refused(model_dir, folder, tmp_path):
     workdir = str(tmp_path / "run")
     c = tiny_config("sft", model_dir, folder)
     c.train.steps = 2
-    selfplay.run(c, workdir)
+    loop.run(c, workdir)
     c.train.learning_rate = 5e-4
     with pytest.raises(ValueError, match="another config.*learning_rate"):
-        selfplay.run(c, workdir)
+        loop.run(c, workdir)
     c.overwrite = True
-    selfplay.run(c, workdir)
+    loop.run(c, workdir)
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["train"]["learning_rate"] == 5e-4
 
@@ -191,18 +189,18 @@ def test_bad_inputs(model_dir, folder, tmp_path):
     c = tiny_config("sft", model_dir, folder)
     c.model.path = str(tmp_path / "missing_model")
     with pytest.raises(FileNotFoundError, match="model.path"):
-        selfplay.run(c, str(tmp_path / "a"))
+        loop.run(c, str(tmp_path / "a"))
     c = tiny_config("sft", model_dir, str(tmp_path / "missing_data"))
     with pytest.raises(FileNotFoundError, match="data.path"):
-        selfplay.run(c, str(tmp_path / "b"))
+        loop.run(c, str(tmp_path / "b"))
     c = tiny_config("sft", model_dir, folder)
     c.train.batch_size = 6  # 8 devices
     with pytest.raises(ValueError, match="divisible"):
-        selfplay.run(c, str(tmp_path / "c"))
+        loop.run(c, str(tmp_path / "c"))
     c = tiny_config("spin", model_dir, folder)
     c.train.beta = -1.0
     with pytest.raises(ValueError, match="beta"):
-        selfplay.run(c, str(tmp_path / "d"))
+        loop.run(c, str(tmp_path / "d"))
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(model_dir, folder, tmp_path):
@@ -214,8 +212,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(model_dir, folder, tmp_
     c.train.lr_schedule = "constant"
     c.train.learning_rate = 1e30  # the first update overflows the weights
     c.checkpoint.every_steps = 1
-    with pytest.raises(selfplay.NonFiniteLossError, match="non-finite.*Last good checkpoint"):
-        selfplay.run(c, workdir)
+    with pytest.raises(loop.NonFiniteLossError, match="non-finite.*Last good checkpoint"):
+        loop.run(c, workdir)
     leaves = _unet_leaves_steps(workdir)
     assert leaves and all(np.all(np.isfinite(x)) for x in leaves)
 
@@ -234,12 +232,12 @@ def test_disk_full_keeps_previous_checkpoint(model_dir, folder, tmp_path, monkey
         return save(self, step, *args, **kwargs)
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", failing_save)
-    with pytest.raises(selfplay.CheckpointWriteError, match="checkpoint 4.*No space.*2"):
-        selfplay.run(c, workdir)
+    with pytest.raises(checkpoints.CheckpointWriteError, match="checkpoint 4.*No space.*2"):
+        loop.run(c, workdir)
     leaves = _unet_leaves_steps(workdir)
     assert leaves and all(np.all(np.isfinite(x)) for x in leaves)
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
-    (summary,) = selfplay.run(c, workdir)  # the same command resumes from step 2
+    (summary,) = loop.run(c, workdir)  # the same command resumes from step 2
     assert summary["steps"] == 4
 
 

@@ -167,8 +167,10 @@ def demo_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     Writes the demo dataset into the cache on first use (seconds) and, only when the shipped
     base model is missing, builds it (see ``ensure_base``).
     """
+    from spin_jax.train import objectives
+
     c = ml_collections.ConfigDict(c.to_dict())  # a copy; the caller's stays as it was
-    objective = c.objective
+    row = objectives.get(c.objective)
     c.seed = 0
     c.model.path = ensure_base()
     c.model.dtype = "float32"
@@ -180,7 +182,7 @@ def demo_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.data.caption_dropout = 0.0
     c.data.encode_batch_size = 256
     c.data.cache_dir = ""
-    if objective in ("dpo", "kto"):
+    if row.view in ("pairs", "kto"):
         c.data.source = "pickapic"
         c.data.split = "train"
         c.data.path = ensure_pairs_dataset()
@@ -190,9 +192,10 @@ def demo_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         c.data.path = ensure_clean_dataset()
     # SPIN generates one sample per example per iteration. KTO's view has two records per pair
     # (the preferred image, then the other), so 192 records are the same 96 pairs DPO reads.
-    c.data.max_examples = 192 if objective == "kto" else 96
+    c.data.max_examples = 192 if row.view == "kto" else 96
 
-    c.iterations = 3 if objective == "spin" else 1
+    # Methods that roll out samples run 3 rounds (SPIN's 3 iterations); the baselines one.
+    c.iterations = 3 if row.rollout != "none" else 1
     c.train.steps = 40
     c.train.batch_size = 16
     c.train.accum_steps = 1
@@ -206,7 +209,7 @@ def demo_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.weight_decay = 0.0
     c.train.grad_clip_norm = 1.0
     c.train.beta = 5000.0
-    c.train.betas = (5000.0,) * c.iterations if objective == "spin" else ()
+    c.train.betas = (5000.0,) * c.iterations if row.rollout != "none" else ()
 
     c.sample.sampler = "dpm_solver_pp"
     c.sample.num_steps = 15
@@ -225,10 +228,23 @@ def demo_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
 
     c.toy_eval = ml_collections.ConfigDict()
-    c.toy_eval.enabled = True  # the trainer calls demo_report(workdir, config) at the end
+    c.toy_eval.enabled = True  # launch/train.py calls demo_report(workdir, config) at the end
     c.toy_eval.images_per_prompt = 2
     c.toy_eval.seed = 4321
     return c
+
+
+PRESETS = {"demo": demo_config}
+
+
+def with_preset(c: ml_collections.ConfigDict, arg: str | None, config_file: str):
+    """``c`` turned into preset ``arg`` (``configs/<name>.py:<arg>``); ``c`` itself for none."""
+    if not arg:
+        return c
+    if arg not in PRESETS:
+        name = os.path.join("configs", os.path.basename(config_file))
+        raise ValueError(f"{name}: unknown preset {arg!r} (known: {', '.join(sorted(PRESETS))})")
+    return PRESETS[arg](c)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,7 +331,7 @@ def toy_eval(
         )  # fmt: skip
         results[name] = score(images, all_prompts)
         if grid_dir:
-            from spin_jax.train.selfplay import save_grid
+            from spin_jax.train.metrics import save_grid
 
             os.makedirs(grid_dir, exist_ok=True)
             save_grid(images[: len(prompts)], os.path.join(grid_dir, f"{_slug(name)}.png"),
@@ -350,7 +366,7 @@ def demo_report(
     returns the results.
     """
     from spin_jax.models import load_pretrained
-    from spin_jax.train import selfplay
+    from spin_jax.train import checkpoints
 
     if config is None:
         path = os.path.join(workdir, "config.json")
@@ -366,7 +382,7 @@ def demo_report(
         if not os.path.isfile(os.path.join(workdir, f"iteration_{k}", "summary.json")):
             break
         name = f"{config.objective} iteration {k}" if config.iterations > 1 else config.objective
-        models[name] = selfplay.load_iteration_params(workdir, k, sd.params["unet"])
+        models[name] = checkpoints.load_iteration_params(workdir, k, sd.params["unet"])
     results = toy_eval(
         sd,
         models,

@@ -20,7 +20,7 @@ is the project's Flax module with random JAX init, trained here. The stages:
    position to a distinct vector that the UNet's cross-attention learns to read.
 4. UNet (UNet2DConditionModel, four levels 16 / 8 / 4 / 2, cross-attention below the top
    level and in the middle block) pretrained with the project's own trainer
-   (``spin_jax.train.selfplay``, objective ``sft``) on the NOISY distribution (textured
+   (``spin_jax.train.loop``, objective ``sft``) on the NOISY distribution (textured
    backgrounds, jitter, 20% wrong captions), with 10% caption dropout so that classifier-free
    guidance works.
 5. Export: the trained UNet with the other parts via ``save_pretrained``.
@@ -58,6 +58,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from spin_jax.data.latent_cache import sample_latents
 from spin_jax.diffusion.schedule import schedule_from_config
 from spin_jax.models import presets
 from spin_jax.models.clip import text_encoder_from_config, text_encoder_param_shapes
@@ -288,7 +289,7 @@ def to_model_range(images: np.ndarray) -> np.ndarray:
 def vae_loss(vae: Any, params: Any, images: jax.Array, key: jax.Array, kl_weight: float):
     """Mean squared reconstruction error of a posterior sample + kl_weight * mean KL per latent."""
     mean, logvar = vae.apply({"params": params}, images, method=vae.encode)
-    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+    z = sample_latents(mean, logvar, key, 1.0)
     recon = vae.apply({"params": params}, z, method=vae.decode)
     mse = jnp.mean((recon - images) ** 2)
     kl = 0.5 * jnp.mean(mean**2 + jnp.exp(logvar) - 1.0 - logvar)
@@ -362,8 +363,7 @@ def latent_scaling_factor(
     samples = []
     for start in range(0, len(images), 256):
         mean, logvar = encode(vae_params, jnp.asarray(to_model_range(images[start : start + 256])))
-        noise = jax.random.normal(jax.random.key(seed + start), mean.shape)
-        samples.append(np.asarray(mean + jnp.exp(0.5 * logvar) * noise))
+        samples.append(np.asarray(sample_latents(mean, logvar, jax.random.key(seed + start), 1.0)))
     std = float(np.concatenate(samples).std())
     if not np.isfinite(std) or std <= 0:
         raise ValueError(f"latent std is {std}; the VAE did not train")
@@ -446,7 +446,7 @@ def build_base(
     errors and the scaling factor.
     """
     from spin_jax.models import load_pretrained
-    from spin_jax.train import selfplay
+    from spin_jax.train import checkpoints, loop
 
     if unet_batch_size % jax.device_count():
         raise ValueError(
@@ -519,13 +519,13 @@ def build_base(
     run_dir = os.path.join(work_dir, "sft")
     config = sft_config(vae_base, noisy_dir, steps=unet_steps, batch_size=unet_batch_size,
                         learning_rate=unet_learning_rate, seed=seed)  # fmt: skip
-    summaries = selfplay.run(config, run_dir)
+    summaries = loop.run(config, run_dir)
     report["sft"] = summaries[-1] if summaries else {}
     report["seconds"]["unet"] = round(time.time() - t0, 1)
 
     # Export: trained UNet + the VAE-only pipeline's other parts.
     sd = load_pretrained(vae_base)
-    unet = selfplay.load_iteration_params(run_dir, 1, sd.params["unet"])
+    unet = checkpoints.load_iteration_params(run_dir, 1, sd.params["unet"])
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(sd, tmp, params=dict(sd.params, unet=unet))

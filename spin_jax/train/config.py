@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
-OBJECTIVES = ("sft", "spin", "dpo", "kto")
+from spin_jax.train import objectives
+
 SOURCES = ("imagefolder", "pickapic", "tfds")
 DTYPES = ("float32", "bfloat16")
 
@@ -16,8 +17,8 @@ DTYPES = ("float32", "bfloat16")
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.objective = "spin"
-    c.iterations = 1  # self-play iterations (1 for the fixed-reference baselines)
+    c.objective = "spin"  # a row of spin_jax.train.objectives.OBJECTIVES
+    c.iterations = 1  # rounds (self-play iterations; 1 for the fixed-reference baselines)
     c.overwrite = False  # allow a workdir holding a run with another config to be replaced
 
     c.model = ml_collections.ConfigDict()
@@ -41,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.encode_batch_size = 32
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 500  # optimizer steps per iteration
+    c.train.steps = 500  # optimizer steps per round
     c.train.batch_size = 2048  # global, in pairs (SPIN/DPO) or images (SFT/KTO)
     c.train.accum_steps = 1  # micro-batches per optimizer step
     c.train.optimizer = "adamw"
@@ -61,6 +62,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.share_noise = True  # SPIN: same eps for the real and the synthetic latent (choice)
     c.loss.kto_lambda_d = 1.0
     c.loss.kto_lambda_u = 1.0
+    # Pairwise objectives: + sft_weight * the policy's error on the preferred images (0: off).
+    c.loss.sft_weight = 0.0
+
+    c.seppo = ml_collections.ConfigDict()
+    # The reference of each round: uniform over {base, every saved earlier round end} (SePPO),
+    # base, or latest (the paper's ablation).
+    c.seppo.reference = "uniform"
 
     c.sample = ml_collections.ConfigDict()
     c.sample.sampler = "dpm_solver_pp"
@@ -72,7 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 100
-    c.checkpoint.max_to_keep = 2  # step checkpoints; the end of each iteration is always kept
+    c.checkpoint.max_to_keep = 2  # step checkpoints per round; a saved round end is always kept
+    c.checkpoint.every_rounds = 1  # save the end of every n-th round (and of the last)
 
     c.log = ml_collections.ConfigDict()
     c.log.every_steps = 10
@@ -83,6 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
         "a corgi wearing sunglasses",
     )
     c.log.grid_seed = 1234
+    c.log.grid_every_rounds = 1
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by fsdp
@@ -96,8 +106,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     def fail(field: str, msg: str) -> None:
         raise ValueError(f"config.{field} = {_get(c, field)!r}: {msg}")
 
-    if c.objective not in OBJECTIVES:
-        fail("objective", f"must be one of {OBJECTIVES}")
+    if c.objective not in objectives.OBJECTIVES:
+        fail("objective", f"must be one of {sorted(objectives.OBJECTIVES)}")
+    row = objectives.OBJECTIVES[c.objective]
     if c.data.source not in SOURCES:
         fail("data.source", f"must be one of {SOURCES}")
     if c.model.dtype not in DTYPES:
@@ -116,6 +127,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         "sample.num_steps",
         "sample.batch_size",
         "data.resolution",
+        "checkpoint.every_rounds",
+        "checkpoint.every_steps",
+        "log.every_steps",
+        "log.grid_every_rounds",
     ):
         if int(_get(c, field)) < 1:
             fail(field, "must be >= 1")
@@ -128,8 +143,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
             fail("train.beta" if i == 0 else "train.betas", "beta must be > 0")
     if not 0.0 <= c.data.caption_dropout < 1.0:
         fail("data.caption_dropout", "must be in [0, 1)")
-    if c.objective != "spin" and c.iterations != 1:
+    if not row.continuous and row.rollout == "none" and c.iterations != 1:
         fail("iterations", f"the {c.objective} baseline trains against a fixed reference: use 1")
+    if row.reference == "previous" and c.checkpoint.every_rounds != 1:
+        fail("checkpoint.every_rounds", f"{c.objective}'s reference is the previous round's end, "
+             "which must be saved: use 1")  # fmt: skip
+    if c.seppo.reference not in objectives.REFERENCE_CHOICES:
+        fail("seppo.reference", f"must be one of {objectives.REFERENCE_CHOICES}")
+    if float(c.loss.sft_weight) < 0:
+        fail("loss.sft_weight", "must be >= 0")
 
 
 def beta_for_iteration(c: ml_collections.ConfigDict, iteration: int) -> float:

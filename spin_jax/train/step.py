@@ -8,9 +8,10 @@ to be jitted with the state donated (``jit_train_step``). Under a mesh the batch
 over the data axes and the parameters replicated (or fsdp-sharded); XLA inserts the gradient
 all-reduce, so the same function runs on one device, many, or many hosts.
 
-Batches (latents already scaled, NHWC; ``input_ids`` int32 [B, L] or ``context`` [B, L, D]):
-  sft:   {"x0"}                 spin: {"x0_real", "x0_syn"}     dpo/seppo: {"x0_w", "x0_l"}
-  kto:   {"x0", "label"}        (label 1 desirable, 0 undesirable)
+Batches (latents already scaled, NHWC; ``input_ids`` int32 [B, L] or ``context`` [B, L, D]) hold
+the fields ``objectives.OBJECTIVES[name].batch_fields`` lists: ``x0`` (SFT), ``x0`` and ``label``
+(KTO: 1 desirable, 0 undesirable), ``x0_w`` and ``x0_l`` for every pairwise objective (SPIN:
+real image, opponent's sample). Noising and targets are ``spin_jax.diffusion.schedule``'s.
 
 Randomness comes from ``key`` only: ``t ~ U{0..T-1}`` per example (one t per pair), Gaussian noise
 per image; within a pair the noise is shared for DPO always, for SPIN/SePPO iff ``share_noise``.
@@ -37,57 +38,31 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from spin_jax import losses, parallel
+from spin_jax.diffusion import schedule as noising
+from spin_jax.diffusion.schedule import PREDICTION_TYPES
+from spin_jax.train import objectives
 from spin_jax.train.state import TrainState
 
 UnetApply = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 EncodeText = Callable[[Any, jax.Array], jax.Array]
 
-# Objective -> the latent fields of its batch. Pairwise objectives list (winner, loser).
-BATCH_FIELDS = {
-    "sft": ("x0",),
-    "spin": ("x0_real", "x0_syn"),
-    "dpo": ("x0_w", "x0_l"),
-    "seppo": ("x0_w", "x0_l"),
-    "kto": ("x0", "label"),
-}
-PAIRWISE = ("spin", "dpo", "seppo")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
-
-def _schedule_arrays(schedule: Any) -> tuple[jax.Array, jax.Array, str, int]:
+def _check_schedule(schedule: Any) -> int:
     for field in ("alphas_cumprod", "prediction_type"):
         if not hasattr(schedule, field):
             raise ValueError(f"make_train_step: schedule {type(schedule).__name__} has no {field}")
-    ab = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
-    if ab.ndim != 1:
-        raise ValueError(f"make_train_step: schedule.alphas_cumprod must be [T], got {ab.shape}")
-    num_t = int(getattr(schedule, "num_train_timesteps", ab.shape[0]))
-    if num_t != ab.shape[0]:
-        raise ValueError(
-            f"make_train_step: schedule.num_train_timesteps={num_t} but alphas_cumprod has "
-            f"{ab.shape[0]} entries"
-        )
     if schedule.prediction_type not in PREDICTION_TYPES:
         raise ValueError(
             f"make_train_step: schedule.prediction_type {schedule.prediction_type!r} not in "
             f"{PREDICTION_TYPES}"
         )
-    return jnp.sqrt(ab), jnp.sqrt(1.0 - ab), schedule.prediction_type, num_t
-
-
-def _noisy_and_target(x0, noise, t, sqrt_ab, sqrt_1m_ab, prediction_type):
-    """Forward process x_t = sqrt(ab) x0 + sqrt(1-ab) eps and the prediction target."""
-    shape = (-1,) + (1,) * (x0.ndim - 1)
-    a = sqrt_ab[t].reshape(shape)
-    s = sqrt_1m_ab[t].reshape(shape)
-    x_t = a * x0 + s * noise
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = a * noise - s * x0
-    else:
-        target = x0
-    return x_t, target
+    n = int(jnp.asarray(schedule.alphas_cumprod).shape[0])
+    if int(getattr(schedule, "num_train_timesteps", n)) != n:
+        raise ValueError(
+            f"make_train_step: schedule.num_train_timesteps={schedule.num_train_timesteps} but "
+            f"alphas_cumprod has {n} entries"
+        )
+    return n
 
 
 def draw_inputs(
@@ -104,7 +79,8 @@ def draw_inputs(
     objectives, ``noise_b`` for the second: the same array for DPO, and for SPIN/SePPO when
     ``share_noise``.
     """
-    fields = BATCH_FIELDS[objective]
+    row = objectives.get(objective)
+    fields = row.batch_fields
     k_t, k_a, k_b = jax.random.split(key, 3)
     shape = batch[fields[0]].shape
     b = shape[0]
@@ -116,8 +92,8 @@ def draw_inputs(
 
     out = {"t": jax.random.randint(k_t, (b,), 0, num_train_timesteps, dtype=jnp.int32)}
     out["noise_a"] = normal(k_a)
-    if objective in PAIRWISE:
-        same = objective == "dpo" or share_noise
+    if row.pairwise:
+        same = row.always_share_noise or share_noise
         out["noise_b"] = out["noise_a"] if same else normal(k_b)
     text_field = "context" if "context" in batch else "input_ids"
     out[text_field] = batch[text_field]
@@ -137,34 +113,32 @@ def make_train_step(
     accum_steps: int = 1,
     lambda_d: float = 1.0,
     lambda_u: float = 1.0,
+    sft_weight: float = 0.0,
     learning_rate_fn: optax.Schedule | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-    """The train step for ``objective`` in ``BATCH_FIELDS``.
+    """The train step for ``objective``, a row of ``objectives.OBJECTIVES``.
 
     ``unet_apply(params, x_t, t, context) -> prediction`` (NHWC; the model applies its own compute
     dtype), ``encode_text(text_params, input_ids) -> context`` (frozen; not needed when batches
-    carry ``context``). ``beta`` is required by every objective but SFT. ``learning_rate_fn`` (the
-    optimizer's schedule) only feeds ``metrics["lr"]``. ``mesh``, if given, lets the step check
-    divisibility and place each micro-batch across all data-parallel devices.
+    carry ``context``). ``beta`` is required by every objective with a reference.
+    ``sft_weight`` adds that multiple of the policy's error on the preferred images to a
+    pairwise loss. ``learning_rate_fn`` (the optimizer's schedule) only feeds ``metrics["lr"]``.
+    ``mesh``, if given, lets the step check divisibility and place each micro-batch across all
+    data-parallel devices.
     """
-    losses.get_loss(objective)  # unknown names fail here, listing the known ones
-    if objective not in BATCH_FIELDS:
-        raise ValueError(
-            f"make_train_step: objective {objective!r} has no train step; "
-            f"known: {sorted(BATCH_FIELDS)}"
-        )
-    if objective != "sft":
+    row = objectives.get(objective)
+    needs_ref = row.needs_reference
+    if needs_ref:
         if beta is None:
             raise ValueError(f"make_train_step: objective {objective!r} needs beta")
         losses.check_beta(beta, objective)
     if not isinstance(accum_steps, int) or accum_steps < 1:
         raise ValueError(f"make_train_step: accum_steps must be an int >= 1, got {accum_steps!r}")
-    sqrt_ab, sqrt_1m_ab, prediction_type, num_t = _schedule_arrays(schedule)
-    loss_fn = losses.get_loss(objective)
-    fields = BATCH_FIELDS[objective]
-    pairwise = objective in PAIRWISE
-    needs_ref = objective != "sft"
+    num_t = _check_schedule(schedule)
+    fields = row.batch_fields
+    pairwise = row.pairwise
+    options = {"lambda_d": lambda_d, "lambda_u": lambda_u, "sft_weight": sft_weight}
 
     def model_inputs(text_params, mb):
         if "context" in mb:
@@ -180,8 +154,8 @@ def make_train_step(
             t, ctx = jnp.concatenate([t, t]), jnp.concatenate([ctx, ctx])
         else:
             x0, noise = mb[fields[0]].astype(jnp.float32), mb["noise_a"]
-        x_t, target = _noisy_and_target(x0, noise, t, sqrt_ab, sqrt_1m_ab, prediction_type)
-        return x_t, t, ctx, target
+        x_t = noising.add_noise(schedule, x0, noise, t)
+        return x_t, t, ctx, noising.target(schedule, x0, noise, t)
 
     def ref_error(ref_params, x_t, t, ctx, target):
         pred_ref = unet_apply(jax.lax.stop_gradient(ref_params), x_t, t, ctx)
@@ -196,17 +170,11 @@ def make_train_step(
     def micro_step(params, ref_params, text_params, mb, z0=None):
         x_t, t, ctx, target = model_inputs(text_params, mb)
         err_ref = ref_error(ref_params, x_t, t, ctx, target) if needs_ref else None
+        opts = dict(options, z0=z0)
 
         def objective_loss(p):
             err = losses.per_sample_error(unet_apply(p, x_t, t, ctx), target)
-            if objective == "sft":
-                return loss_fn(err)
-            if objective == "kto":
-                desirable = mb["label"] > 0.5
-                return loss_fn(err, err_ref, desirable, beta, lambda_d=lambda_d,
-                               lambda_u=lambda_u, z0=z0)  # fmt: skip
-            n = err.shape[0] // 2
-            return loss_fn(err[:n], err[n:], err_ref[:n], err_ref[n:], beta)
+            return row.loss(err, err_ref, mb, beta, opts)
 
         (loss, metrics), grads = jax.value_and_grad(objective_loss, has_aux=True)(params)
         return loss, metrics, grads
@@ -255,7 +223,7 @@ def make_train_step(
 
             stacked = jax.tree.map(split, inputs)
             z0 = None
-            if objective == "kto":
+            if row.name == "kto":
                 # z0 is a statistic of the whole global batch (ALGORITHMS.md), not of one
                 # micro-batch: a gradient-free pass over all of them first (one more forward of
                 # each model per step, only for KTO with accumulation).

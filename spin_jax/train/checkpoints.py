@@ -1,0 +1,126 @@
+"""Checkpoints of a run: where they live, how they are written, found and read back.
+
+Round k of a run keeps its checkpoints in ``<workdir>/iteration_k/checkpoints/<step>``, ``step``
+counting the optimizer steps of that round (1..train.steps); the last step of a round is its
+end. Each holds the UNet parameters, the optimizer state and a small JSON ``meta``. Everything
+that reads a run's weights (the trainer's reference rule, evaluation, export) reads them here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from spin_jax.train.state import TrainState
+
+
+class CheckpointWriteError(OSError):
+    pass
+
+
+def round_dir(workdir: str, round_: int) -> str:
+    return os.path.join(workdir, f"iteration_{round_}")
+
+
+def checkpoint_dir(workdir: str, round_: int) -> str:
+    return os.path.abspath(os.path.join(round_dir(workdir, round_), "checkpoints"))
+
+
+def manager(workdir: str, round_: int, max_to_keep: int = 2) -> ocp.CheckpointManager:
+    """An async CheckpointManager for round ``round_`` (one per round: a round's end is kept
+    while its step checkpoints rotate)."""
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir, round_),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max(1, max_to_keep), enable_async_checkpointing=True
+        ),
+    )
+
+
+def steps(workdir: str, round_: int) -> list[int]:
+    """The finished checkpoint steps of round ``round_`` (orbax ignores partial writes)."""
+    path = checkpoint_dir(workdir, round_)
+    if not os.path.isdir(path):
+        return []
+    return sorted(
+        int(n) for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n))
+    )
+
+
+def rounds_with_end(workdir: str, rounds: range, steps_per_round: int) -> list[int]:
+    """The rounds among ``rounds`` whose end (step ``steps_per_round``) is checkpointed."""
+    return [r for r in rounds if steps_per_round in steps(workdir, r)]
+
+
+def latest(workdir: str, num_rounds: int) -> tuple[int, int] | None:
+    """(round, step) of the newest checkpoint of the run, or None."""
+    for r in range(num_rounds, 0, -1):
+        found = steps(workdir, r)
+        if found:
+            return r, found[-1]
+    return None
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state: TrainState, meta: dict) -> None:
+    # Orbax writes into a temporary folder and renames it when complete, so a failed write
+    # (disk full, ...) leaves the previous checkpoint as it was.
+    try:
+        mgr.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                opt_state=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
+    except OSError as e:
+        mgr.wait_until_finished()  # let the previous (async) save complete
+        raise CheckpointWriteError(
+            f"writing checkpoint {step} to {mgr.directory} failed: {e}. The previous "
+            f"checkpoint ({mgr.latest_step()}) is intact; free space and rerun the command "
+            "to resume from it."
+        ) from e
+
+
+def restore_state(workdir: str, round_: int, step: int, like: TrainState) -> TrainState:
+    """The whole train state saved at (round_, step), in ``like``'s layout."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    with ocp.CheckpointManager(checkpoint_dir(workdir, round_)) as mgr:
+        restored = mgr.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract.params),
+                opt_state=ocp.args.StandardRestore(
+                    {"step": abstract.step, "opt_state": abstract.opt_state}
+                ),
+            ),
+        )
+    rest = restored["opt_state"]
+    return like.replace(params=restored["params"], step=rest["step"], opt_state=rest["opt_state"])
+
+
+def load_iteration_params(workdir: str, iteration: int, like: Any, step: int | None = None) -> Any:
+    """The UNet params of round ``iteration`` at checkpoint ``step`` (default: its last one),
+    as host arrays (the caller places them)."""
+    path = checkpoint_dir(workdir, iteration)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoints for iteration {iteration} in {workdir}")
+    with ocp.CheckpointManager(path) as mgr:
+        found = mgr.all_steps()
+        if not found:
+            raise FileNotFoundError(f"no finished checkpoint in {path}")
+        if step is None:
+            step = max(found)
+        elif step not in found:
+            raise FileNotFoundError(
+                f"no checkpoint of step {step} in {path} (have {sorted(found)}); "
+                "keep more with checkpoint.max_to_keep"
+            )
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        restored = mgr.restore(
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
+        )
+    return jax.device_get(restored["params"])

@@ -1,0 +1,360 @@
+"""The round loop: one trainer for every objective of ``spin_jax.train.objectives``.
+
+For each round k = 1..``iterations``:
+  1. pick the reference: the checkpoint the objective's reference rule names (the base model,
+     the end of round k-1, or one drawn from the saved ends of all earlier rounds);
+  2. roll out what the objective needs from the reference (nothing, one sample per training
+     example, or one per prompt of the round) into ``iteration_k/synthetic``;
+  3. train ``train.steps`` optimizer steps against the frozen reference;
+  4. checkpoint (the round's end every ``checkpoint.every_rounds`` rounds, and the last one;
+     step checkpoints every ``checkpoint.every_steps`` steps within a round), grid, summary.
+
+One compiled train step serves every round (beta and the reference are arguments). Resuming is
+exact because nothing depends on history: batches and noise are functions of (seed, round,
+step), references of (seed, round, saved rounds), and finished shards and checkpoints are found
+on disk. Workdir layout:
+
+  config.json  metrics.jsonl  tb/  latent_cache/
+  iteration_k/synthetic/  iteration_k/checkpoints/<step>/  iteration_k/grid.png
+  iteration_k/summary.json   (written last: the round is finished)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from spin_jax import parallel
+from spin_jax.data.latent_cache import sample_latents
+from spin_jax.files import write_json
+from spin_jax.train import batches, checkpoints, objectives, rollout
+from spin_jax.train import config as config_lib
+from spin_jax.train import metrics as metrics_lib
+from spin_jax.train.checkpoints import CheckpointWriteError  # noqa: F401  (re-exported)
+from spin_jax.train.optim import make_optimizer
+from spin_jax.train.state import TrainState, state_sharding
+from spin_jax.train.step import jit_train_step, make_train_step
+
+say = metrics_lib.say
+RESTART_FREE = ("overwrite",)  # settings that may differ between a run and its restart
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Records the config in a new workdir; refuses one that holds a run with another config."""
+    path = os.path.join(workdir, "config.json")
+    current = {k: v for k, v in _flat(config.to_dict()).items() if k not in RESTART_FREE}
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = {k: v for k, v in _flat(json.load(f)).items() if k not in RESTART_FREE}
+        saved = json.loads(json.dumps(saved, default=str))
+        current_j = json.loads(json.dumps(current, default=str))
+        diff = sorted(k for k in set(saved) | set(current_j) if saved.get(k) != current_j.get(k))
+        if diff and not config.overwrite:
+            shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current_j.get(k)!r}" for k in diff[:8])
+            raise ValueError(
+                f"{workdir} holds a run with another config ({shown}). Use another --workdir, "
+                "or --config.overwrite=True to delete that run and start over."
+            )
+        if diff and metrics_lib.is_main():
+            for name in os.listdir(workdir):
+                if name != "latent_cache":  # keyed by its settings: safe to keep
+                    p = os.path.join(workdir, name)
+                    shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    if metrics_lib.is_main():
+        os.makedirs(workdir, exist_ok=True)
+        write_json(path, config.to_dict(), sort_keys=True)
+
+
+def make_step(config: ml_collections.ConfigDict, objective: objectives.Objective, sd: Any,
+              lr_fn: Any, mesh: jax.sharding.Mesh):  # fmt: skip
+    """The trainer's step: draw the cached latents from their VAE posteriors, then the
+    objective's train step. ``(state, ref, text, batch, key, beta) -> (state, metrics)``."""
+    c = config
+    cached = sorted(set(objective.cache_fields.values()))
+
+    def step(state, ref_params, text_params, batch, key, beta):
+        train_step = make_train_step(
+            objective.name,
+            unet_apply=sd.unet_apply,
+            encode_text=sd.encode_text,
+            schedule=sd.schedule,
+            beta=beta if objective.needs_reference else None,
+            share_noise=c.loss.share_noise,
+            accum_steps=c.train.accum_steps,
+            lambda_d=c.loss.kto_lambda_d,
+            lambda_u=c.loss.kto_lambda_u,
+            sft_weight=float(c.loss.sft_weight),
+            learning_rate_fn=lr_fn,
+            mesh=mesh,
+        )
+        k_post, k_step = jax.random.split(key)
+        batch = dict(batch)
+        for i, name in enumerate(cached):
+            mean, logvar = batch.pop(f"{name}.mean"), batch.pop(f"{name}.logvar")
+            batch[name] = sample_latents(mean, logvar, jax.random.fold_in(k_post, i),
+                                         sd.scaling_factor)  # fmt: skip
+        return train_step(state, ref_params, text_params, batch, k_step)
+
+    return step
+
+
+class _References:
+    """UNet params of round ends (0 = the base), read from the checkpoints on first use and
+    kept while they are the current reference."""
+
+    def __init__(self, workdir: str, base: Any):
+        self.workdir, self.base, self.held = workdir, base, {}
+
+    def get(self, round_: int) -> Any:
+        if round_ == 0:
+            return self.base
+        if round_ not in self.held:
+            self.held = {round_: checkpoints.load_iteration_params(self.workdir, round_, self.base)}
+        return self.held[round_]
+
+
+def _round_means(path: str, first: int, last: int) -> dict[str, float]:
+    """Means over metrics.jsonl rows of steps first..last of the train/ scalars."""
+    sums: dict[str, list[float]] = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                row = json.loads(line)
+                if first <= row.get("step", -1) <= last and "train/loss" in row:
+                    for k, v in row.items():
+                        if k.startswith("train/") and isinstance(v, int | float):
+                            sums.setdefault(k.removeprefix("train/"), []).append(float(v))
+    return {k: float(np.mean(v)) for k, v in sums.items()}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+    """Runs (or resumes) the training job of ``config`` in ``workdir``; returns the rounds'
+    summaries."""
+    from spin_jax.models import load_pretrained
+
+    c = config
+    config_lib.validate(c)
+    objective = objectives.get(c.objective)
+    mesh = parallel.make_mesh(c.mesh.data, c.mesh.fsdp)
+    parallel.check_batch_divisible(c.train.batch_size // c.train.accum_steps, mesh,
+                                   what="micro-batch")  # fmt: skip
+    if not os.path.isdir(c.model.path):
+        raise FileNotFoundError(f"config.model.path: model directory not found: {c.model.path}")
+    if not os.path.exists(c.data.path):
+        raise FileNotFoundError(f"config.data.path: dataset not found: {c.data.path}")
+    check_workdir(workdir, c)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[c.model.dtype]
+    sd = load_pretrained(c.model.path, dtype, attention_impl=c.model.attention_impl or None,
+                         remat=c.model.remat, allow_pickle=c.model.allow_pickle)  # fmt: skip
+    data = batches.open_data(c, objective, workdir, sd, barrier)
+    writer = metrics_lib.MetricWriter(workdir)
+    _report(c, objective, mesh, data)
+
+    n_rounds, steps = int(c.iterations), int(c.train.steps)
+    # A continuous objective is one fine-tune over all rounds: its schedule spans them all.
+    total = n_rounds * steps if objective.continuous else steps
+    tx, lr_fn = make_optimizer(dict(c.train.to_dict(), total_steps=total))
+    base = sd.params["unet"]
+    refs = _References(workdir, base)
+    state = TrainState.create(base, tx, mesh=mesh)
+    # The output state keeps the input's layout, so every step of every round calls the
+    # executable compiled for the first one.
+    step_jit = jit_train_step(make_step(c, objective, sd, lr_fn, mesh), state_sharding(state))
+    text = parallel.replicate(sd.params["text_encoder"], mesh)
+
+    first_round, first_step = 1, 0
+    found = checkpoints.latest(workdir, n_rounds)
+    if found is not None:
+        r, s = found
+        state = checkpoints.restore_state(workdir, r, s, state)
+        done = s == steps and os.path.isfile(_summary_path(workdir, r))
+        first_round, first_step = (r + 1, 0) if done else (r, s)
+        writer.resume_at((r - 1) * steps + s)
+        say(f"resuming at round {first_round} step {first_step} (checkpoint: round {r} step {s})")
+    summaries = []
+    for k in range(1, first_round):
+        with open(_summary_path(workdir, k)) as f:
+            summaries.append(json.load(f))
+
+    placed_ref: dict[int, Any] = {}
+    for k in range(first_round, n_rounds + 1):
+        start = first_step if k == first_round else 0
+        t0 = time.time()
+        saved = checkpoints.rounds_with_end(workdir, range(1, k), steps)
+        ref_round = objectives.pick_reference(objective, k, saved, seed=c.seed,
+                                              choice=c.seppo.reference)  # fmt: skip
+        if not objective.continuous and start == 0 and k > 1:
+            state = TrainState.create(state.params, tx, mesh=mesh)  # a fresh optimizer
+        ro = None
+        if objective.rollout != "none":
+            rows = batches.round_rows(c, objective, data, k)
+            ro = rollout.roll_out(
+                objective.rollout, config=c, sd=sd, reference=refs.get(ref_round),
+                reference_name=_ref_name(ref_round), round_=k,
+                round_dir=checkpoints.round_dir(workdir, k), source=data.source,
+                captions=data.captions, rows=rows, barrier=barrier,
+            )  # fmt: skip
+            if ro.images:
+                writer.write((k - 1) * steps, {"rollout/images_per_s": ro.images / max(ro.seconds, 1e-9),
+                                               "rollout/images": ro.images})  # fmt: skip
+        t_rollout = time.time() - t0
+        if ref_round is not None and ref_round not in placed_ref:
+            placed_ref = {ref_round: parallel.replicate(refs.get(ref_round), mesh)}
+        ref = placed_ref.get(ref_round)
+        beta = config_lib.beta_for_iteration(c, k - 1)
+        state, last, t_train = _train_round(c, workdir, objective, data, sd, mesh, writer, step_jit,
+                                            state, ref, text, ro, k, start, beta, ref_round)  # fmt: skip
+        summary = _finish_round(c, objective, sd, workdir, writer, state, k, ref_round, beta,
+                                last, t_rollout, t_train)  # fmt: skip
+        summaries.append(summary)
+    writer.close()
+    return summaries
+
+
+def _summary_path(workdir: str, round_: int) -> str:
+    return os.path.join(checkpoints.round_dir(workdir, round_), "summary.json")
+
+
+def _ref_name(ref_round: int | None) -> str:
+    return "none" if ref_round is None else ("base" if ref_round == 0 else f"round {ref_round}")
+
+
+def _train_round(c, workdir, objective, data, sd, mesh, writer, step_jit, state, ref, text, ro,
+                 k, start, beta, ref_round):  # fmt: skip
+    steps = int(c.train.steps)
+    n_rounds = int(c.iterations)
+    end_saved = k % max(1, int(c.checkpoint.every_rounds)) == 0 or k == n_rounds
+    mgr = checkpoints.manager(workdir, k, c.checkpoint.max_to_keep)
+    beta_arg = parallel.replicate(np.float32(beta), mesh)
+    offset = (k - 1) * steps
+    bar = metrics_lib.progress(steps, f"round {k}: train", "step", initial=start)
+    t0 = t_last = time.time()
+    last: dict[str, Any] = {}
+    last_step = start
+    for s in range(start, steps):
+        local = batches.read_batch(c, objective, data, k, s, mesh, sd.tokenize, ro)
+        batch = parallel.global_batch_from_local(local, mesh)
+        stream, pos = batches.position(objective, k, s, steps)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(c.seed), stream), pos)
+        state, metrics = step_jit(state, ref, text, batch, parallel.replicate(key, mesh), beta_arg)
+        done = s + 1
+        if done % c.log.every_steps == 0 or done == steps:
+            metrics = jax.device_get(metrics)
+            if not bool(metrics["is_finite"]):
+                mgr.wait_until_finished()
+                latest = mgr.latest_step()
+                raise NonFiniteLossError(
+                    f"round {k}, step {done}: non-finite loss or gradient "
+                    f"(loss={float(metrics['loss'])}, grad_norm={float(metrics['grad_norm'])}); "
+                    f"the update was not applied. Last good checkpoint: "
+                    f"{os.path.join(str(mgr.directory), str(latest)) if latest is not None else 'none'}. "
+                    "Lower train.learning_rate or train.beta and restart."
+                )  # fmt: skip
+            now = time.time()
+            metrics = {f"train/{m}": v for m, v in metrics.items() if m != "is_finite"}
+            metrics["train/beta"] = beta
+            rate = (done - last_step) * c.train.batch_size / max(now - t_last, 1e-9)
+            metrics[f"train/{objective.rate_unit}_per_s"] = rate
+            writer.write(offset + done, metrics)
+            t_last, last_step = now, done
+            last = {m: float(v) for m, v in metrics.items() if np.ndim(v) == 0}
+            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+        bar.update(1)
+        if done % c.checkpoint.every_steps == 0 and done < steps or done == steps and end_saved:
+            meta = {"iteration": k, "step": done, "global_step": offset + done, "beta": beta,
+                    "objective": objective.name, "reference": _ref_name(ref_round),
+                    "metrics": last}  # fmt: skip
+            checkpoints.save(mgr, done, state, meta)
+    bar.close()
+    mgr.wait_until_finished()
+    mgr.close()
+    return state, last, time.time() - t0
+
+
+def _finish_round(c, objective, sd, workdir, writer, state, k, ref_round, beta, last,
+                  t_rollout, t_train) -> dict[str, Any]:  # fmt: skip
+    steps = int(c.train.steps)
+    every = max(1, int(c.log.grid_every_rounds))
+    if (k % every == 0 or k == int(c.iterations)) and c.log.grid_prompts:
+        _grid(c, sd, parallel.local_copy(state.params), checkpoints.round_dir(workdir, k))
+    means = _round_means(writer.path, (k - 1) * steps + 1, k * steps) if writer.enabled else {}
+    summary = {
+        "iteration": k,
+        "objective": objective.name,
+        "beta": beta,
+        "steps": steps,
+        "reference": _ref_name(ref_round),
+        "checkpointed": steps in checkpoints.steps(workdir, k),
+        "generate_seconds": round(t_rollout, 2),
+        "train_seconds": round(t_train, 2),
+        **{m.removeprefix("train/"): v for m, v in last.items()},
+        **{f"round_mean/{m}": v for m, v in means.items()},
+    }
+    if objective.name == "seppo" and "anchor_loser_frac" in means:
+        summary["reference_loser_frac"] = means["anchor_loser_frac"]
+    if metrics_lib.is_main():
+        write_json(_summary_path(workdir, k), summary, sort_keys=True)
+    barrier(f"round_{k}")
+    say(f"round {k}: loss {summary.get('loss', float('nan')):.4f} "
+        f"accuracy {summary.get('implicit_acc', float('nan')):.3f} reference {summary['reference']} "
+        f"rollout {t_rollout:.0f}s train {t_train:.0f}s")  # fmt: skip
+    return summary
+
+
+def _grid(c, sd, unet_params, round_dir: str) -> None:
+    from spin_jax.diffusion import generate
+
+    if not metrics_lib.is_main():
+        return
+    prompts = list(c.log.grid_prompts)
+    images = generate(sd, dict(sd.params, unet=unet_params), sd.tokenize(prompts),
+                      jax.random.key(c.log.grid_seed), num_steps=c.sample.num_steps,
+                      guidance_scale=c.sample.guidance_scale, height=c.data.resolution,
+                      width=c.data.resolution, decode=True, sampler=c.sample.sampler,
+                      mesh=parallel.local_mesh())  # fmt: skip
+    metrics_lib.save_grid(np.asarray(images), os.path.join(round_dir, "grid.png"))
+
+
+def _report(c, objective, mesh, data) -> None:
+    dp = parallel.data_parallel_size(mesh)
+    micro = c.train.batch_size // c.train.accum_steps
+    for line in (
+        f"spin_jax {objective.name}: {c.iterations} round(s) x {c.train.steps} steps "
+        f"(reference: {objective.reference}, rollout: {objective.rollout})",
+        f"devices: {jax.device_count()} ({jax.devices()[0].platform}) on "
+        f"{jax.process_count()} process(es); mesh {dict(mesh.shape)}",
+        f"batch: global {c.train.batch_size} = {c.train.accum_steps} micro-batches of {micro} "
+        f"({micro // dp} per device)",
+        f"model: {c.model.path} ({c.model.dtype} compute, attention {c.model.attention_impl})",
+        f"data: {c.data.source} {c.data.path}: {data.summary}",
+    ):
+        say(line)
