@@ -15,7 +15,6 @@ setup(
         "orbax-checkpoint",
         "chex",
         "ml_collections",
-        "grain",
         "tensorflow-datasets",
         "safetensors",
         "transformers>=4.40",

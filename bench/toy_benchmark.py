@@ -1,4 +1,5 @@
-r"""Toy benchmark: SPIN-Diffusion against SFT, Diffusion-DPO and Diffusion-KTO in the toy world.
+r"""Toy benchmark: SPIN-Diffusion and SePPO against SFT, Diffusion-DPO and Diffusion-KTO in the
+toy world.
 
   python bench/toy_benchmark.py --out runs/toy_benchmark --seeds 0 1 2 3 4
 
@@ -8,9 +9,17 @@ beta 5000, DPM-Solver++ 15 steps at CFG 2) and sees the same data: the first 96 
 clean shapes set. SFT trains on them; SPIN pairs each with its opponent's sample of the same
 caption; DPO and KTO read the same 96 images as the preferred side of judge-labelled pairs (the
 other image is the same scene drawn with one attribute changed, which the judge marks wrong;
-KTO sees both images of each pair as separate examples). SPIN runs ``--iterations`` iterations of
-``--steps`` optimizer steps; every other arm runs ``iterations * steps`` steps in one go and is
-read at each multiple of ``--steps``, so each row is compared at equal optimizer steps.
+KTO sees both images of each pair as separate examples). SePPO pairs each with a sample of its
+round's reference (drawn from the earlier round ends by the arm's rule: ``seppo`` uniform,
+``seppo_base``, ``seppo_latest``). SPIN and SePPO run ``--iterations`` rounds of ``--steps``
+optimizer steps; every other arm runs ``iterations * steps`` steps in one go and is read at each
+multiple of ``--steps``, so each row is compared at equal optimizer steps. ``spin_sft`` is SPIN
+with ``loss.sft_weight = 1`` (an SFT term on the real images).
+
+For every pairwise arm each row also reports ``pref_err_gap``: the mean over the row's steps of
+the policy's error on the preferred (real / winner) images minus the reference's. Positive means
+the policy fits the preferred images worse than its reference: both likelihoods fell, the known
+failure of DPO-style losses.
 
 Each seed changes the training randomness (batch order, timesteps, noise, SPIN's generations)
 and the evaluation noise; models of one seed are evaluated on the same noise. The judge
@@ -37,9 +46,22 @@ from typing import Any
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OBJECTIVES = ("spin", "sft", "dpo", "kto")
+# Arm -> (config file, overrides, label). Arms with rollouts train in rounds.
+ARMS = {
+    "spin": ("spin", {}, "SPIN-Diffusion"),
+    "sft": ("sft", {}, "SFT"),
+    "dpo": ("dpo", {}, "Diffusion-DPO"),
+    "kto": ("kto", {}, "Diffusion-KTO"),
+    "seppo": ("seppo", {"seppo.reference": "uniform"}, "SePPO"),
+    "seppo_base": ("seppo", {"seppo.reference": "base"}, "SePPO (reference: base)"),
+    "seppo_latest": ("seppo", {"seppo.reference": "latest"}, "SePPO (reference: latest)"),
+    "spin_sft": ("spin", {"loss.sft_weight": 1.0}, "SPIN-Diffusion + SFT term"),
+}
+OBJECTIVES = ("spin", "sft", "dpo", "kto")  # the default arms
+ROUNDS = ("spin", "seppo", "seppo_base", "seppo_latest", "spin_sft")  # read at each round end
 METRICS = ("fidelity", "color", "shape", "position", "count", "distance")
-LABELS = {"spin": "SPIN-Diffusion", "sft": "SFT", "dpo": "Diffusion-DPO", "kto": "Diffusion-KTO"}
+GAP = "pref_err_gap"
+LABELS = {arm: label for arm, (_, _, label) in ARMS.items()}
 
 
 def load_config(objective: str, arg: str = "demo") -> Any:
@@ -70,8 +92,9 @@ def arm_config(
 ) -> Any:
     """The demo config of ``objective`` with the benchmark's seed, step budget and overrides
     (``{"train.beta": 2000}``: every arm, before the step budget is applied)."""
-    c = load_config(objective)
-    for key, value in (overrides or {}).items():
+    file, arm_overrides, _ = ARMS[objective]
+    c = load_config(file)
+    for key, value in {**arm_overrides, **(overrides or {})}.items():
         node, *parents = c, *key.split(".")[:-1]
         for part in parents:
             if part not in node:
@@ -85,7 +108,7 @@ def arm_config(
     c.toy_eval.enabled = False  # the benchmark evaluates every arm itself, on shared noise
     c.checkpoint.every_steps = steps
     c.log.every_steps = min(10, steps)
-    if objective == "spin":
+    if objective in ROUNDS:
         c.iterations = iterations
         c.train.steps = steps
         c.train.betas = (float(c.train.beta),) * iterations
@@ -103,9 +126,9 @@ def model_key(objective: str, total_steps: int) -> str:
 
 def checkpoints(objective: str, steps: int, iterations: int) -> list[tuple[str, int, int, int]]:
     """``(key, total optimizer steps, iteration, checkpoint step)`` of every model of an arm."""
-    if objective == "spin":
+    if objective in ROUNDS:
         return [
-            (model_key("spin", k * steps), k * steps, k, steps) for k in range(1, iterations + 1)
+            (model_key(objective, k * steps), k * steps, k, steps) for k in range(1, iterations + 1)
         ]
     return [
         (model_key(objective, k * steps), k * steps, 1, k * steps) for k in range(1, iterations + 1)
@@ -119,7 +142,9 @@ def summarize(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dic
     for key in keys:
         rows = [results[key] for results in per_seed.values() if key in results]
         stats = {}
-        for m in METRICS:
+        for m in (*METRICS, GAP):
+            if not all(m in r for r in rows):
+                continue
             v = np.array([r[m] for r in rows], np.float64)
             stats[m] = {
                 "mean": float(v.mean()),
@@ -139,7 +164,7 @@ def paired_differences(
     rows = []
     for k in range(1, iterations + 1):
         spin = model_key("spin", k * steps)
-        others = ["base"] + [model_key(o, k * steps) for o in OBJECTIVES if o != "spin"]
+        others = ["base"] + [model_key(o, k * steps) for o in ARMS if o != "spin"]
         for other in others:
             seeds = [s for s, r in per_seed.items() if spin in r and other in r]
             if not seeds:
@@ -175,8 +200,11 @@ def _label(key: str, steps: int) -> tuple[str, int]:
         return "base", 0
     objective, total = key.split("@")
     total = int(total)
-    if objective == "spin":
-        return f"{LABELS['spin']} iteration {total // steps}", total
+    if objective in ROUNDS:
+        return (
+            f"{LABELS[objective]} {'iteration' if objective == 'spin' else 'round'} {total // steps}",
+            total,
+        )
     return LABELS[objective], total
 
 
@@ -184,8 +212,10 @@ def format_markdown(summary: dict[str, dict[str, Any]], steps: int) -> str:
     """The table: one row per model, ``mean ± std`` over seeds, rows grouped by step budget."""
     order = sorted(summary, key=lambda k: (_label(k, steps)[1], k.startswith("spin"), k))
     lines = [
-        "| model | optimizer steps | seeds | " + " | ".join(METRICS) + " |",
-        "|---|---:|---:|" + "---:|" * len(METRICS),
+        "| model | optimizer steps | seeds | "
+        + " | ".join(METRICS)
+        + " | pref. error gap (1e-3) |",
+        "|---|---:|---:|" + "---:|" * (len(METRICS) + 1),
     ]
     for key in order:
         s = summary[key]
@@ -194,8 +224,27 @@ def format_markdown(summary: dict[str, dict[str, Any]], steps: int) -> str:
         for m in METRICS:
             digits = 2 if m == "distance" else 3
             cells.append(f"{s[m]['mean']:.{digits}f} ± {s[m]['std']:.{digits}f}")
+        g = s.get(GAP)
+        cells.append(f"{1e3 * g['mean']:+.2f} ± {1e3 * g['std']:.2f}" if g else "")
         lines.append(f"| {name} | {total} | {s['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def preferred_error_gap(workdir: str, first: int, last: int) -> float | None:
+    """Mean over logged steps first..last of the policy's error on the preferred images minus
+    the reference's (``metrics.jsonl``); None for objectives without a pairwise reference."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    gaps = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                row = json.loads(line)
+                if not first <= row.get("step", -1) <= last:
+                    continue
+                for w in ("w", "real"):
+                    if f"train/err_policy_{w}" in row:
+                        gaps.append(row[f"train/err_policy_{w}"] - row[f"train/err_ref_{w}"])
+    return float(np.mean(gaps)) if gaps else None
 
 
 def _read_json(path: str) -> dict:
@@ -228,10 +277,12 @@ def run_seed(args: argparse.Namespace, seed: int, sd: Any) -> dict[str, dict[str
     )
     eval_seed = args.eval_seed + seed
 
-    def evaluate(key: str, params: Any) -> None:
+    def evaluate(key: str, params: Any, gap: float | None = None) -> None:
         t0 = time.time()
         r = demo.toy_eval(sd, {key: params}, prompts, eval_seed, **eval_kwargs)[key]
         r["seed"] = seed
+        if gap is not None:
+            r[GAP] = gap
         results[key] = r
         write_json(eval_path, results)
         print(json.dumps({"model": key, **r, "eval_seconds": round(time.time() - t0, 1)}))
@@ -249,10 +300,10 @@ def run_seed(args: argparse.Namespace, seed: int, sd: Any) -> dict[str, dict[str
             loop.run(c, workdir)
             timings.setdefault(objective, round(time.time() - t0, 1))
             write_json(os.path.join(seed_dir, "timings.json"), timings)
-        for key, _, iteration, step in models:
+        for key, total, iteration, step in models:
             if key not in results:
                 params = ckpt.load_iteration_params(workdir, iteration, sd.params["unet"], step)
-                evaluate(key, params)
+                evaluate(key, params, preferred_error_gap(workdir, total - args.steps + 1, total))
     return results
 
 
@@ -260,7 +311,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/toy_benchmark")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(ARMS),
+                   help="arms to run (see ARMS)")  # fmt: skip
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per SPIN iteration")
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--images-per-prompt", type=int, default=4)

@@ -21,7 +21,7 @@ flags.mark_flags_as_required(["workdir", "iteration", "out"])
 
 def export(workdir: str, iteration: int, out: str) -> str:
     from spin_jax.models import load_pretrained, save_pretrained
-    from spin_jax.train.selfplay import load_iteration_params
+    from spin_jax.train.checkpoints import load_iteration_params
 
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):

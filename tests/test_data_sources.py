@@ -215,13 +215,16 @@ def test_tfds_matches_parquet(pickapic_dir, tmp_path, view):
 @pytest.mark.parametrize(
     "n, count, drop", [(10, 3, False), (10, 3, True), (7, 7, False), (5, 2, True)]
 )
-def test_shard_range_matches_grain(n, count, drop):
-    from grain._src.core.sharding import ShardOptions, even_split
-
+def test_shard_range_splits_evenly(n, count, drop):
+    # Reference: np.array_split's contiguous split (the first n % count shards one longer), or
+    # n // count records each when the remainder is dropped.
+    parts = np.array_split(np.arange(n // count * count if drop else n), count)
     covered = []
     for i in range(count):
         got = shard_range(n, i, count, drop)
-        assert got == even_split(n, ShardOptions(i, count, drop))
+        assert (
+            got == (int(parts[i][0]), int(parts[i][-1]) + 1) if len(parts[i]) else got[0] == got[1]
+        )
         covered.extend(range(*got))
     assert covered == list(range(n if not drop else n // count * count))
     with pytest.raises(ValueError):

@@ -96,7 +96,7 @@ def test_summary_statistics_and_table(bench):
 def test_reduced_benchmark_end_to_end(demo_env, bench):
     from spin_jax.models import load_pretrained
     from spin_jax.toy import demo
-    from spin_jax.train import selfplay
+    from spin_jax.train import checkpoints
 
     out = str(demo_env / "bench")
     argv = ["--out", out, "--seeds", "0", "--objectives", "spin", "sft", "--steps", "1",
@@ -114,12 +114,12 @@ def test_reduced_benchmark_end_to_end(demo_env, bench):
     # SFT was read at both checkpoints of its one run, and they differ.
     sd = load_pretrained(demo.ensure_base())
     workdir = os.path.join(out, "seed_0", "sft")
-    a = selfplay.load_iteration_params(workdir, 1, sd.params["unet"], 1)
-    b = selfplay.load_iteration_params(workdir, 1, sd.params["unet"], 2)
+    a = checkpoints.load_iteration_params(workdir, 1, sd.params["unet"], 1)
+    b = checkpoints.load_iteration_params(workdir, 1, sd.params["unet"], 2)
     diff = jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)
     assert max(jax.tree.leaves(diff)) > 0
     with pytest.raises(FileNotFoundError, match=r"step 7 .*have \[1, 2\]"):
-        selfplay.load_iteration_params(workdir, 1, sd.params["unet"], 7)
+        checkpoints.load_iteration_params(workdir, 1, sd.params["unet"], 7)
     # Resuming re-trains and re-evaluates nothing.
     mtime = os.path.getmtime(os.path.join(out, "seed_0", "eval.json"))
     assert bench.main(argv)["per_seed"] == result["per_seed"]

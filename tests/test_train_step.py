@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from spin_jax import parallel
-from spin_jax.train import optim, step
+from spin_jax.train import objectives, optim, step
 from spin_jax.train.state import TrainState, state_sharding
 
 H = W = 8
@@ -83,7 +83,7 @@ def make_batch(objective, b, seed=0):
     rng = np.random.default_rng(seed)
     lat = lambda: rng.normal(size=(b, H, W, C)).astype(np.float32)  # noqa: E731
     batch = {"input_ids": rng.integers(0, VOCAB, size=(b, LEN)).astype(np.int32)}
-    fields = step.BATCH_FIELDS[objective]
+    fields = objectives.OBJECTIVES[objective].batch_fields
     for f in fields:
         batch[f] = (np.arange(b) % 2).astype(np.int32) if f == "label" else lat()
     return batch
@@ -217,22 +217,6 @@ def test_reference_params_untouched_and_not_donated():
     assert min(jax.tree.leaves(moved)) > 0  # every policy leaf moved
 
 
-def test_noising_and_targets():
-    sched = sd_schedule("v_prediction")
-    sa, s1, kind, n = step._schedule_arrays(sched)
-    assert n == 1000
-    rng = np.random.default_rng(2)
-    x0 = rng.normal(size=(3, 2, 2, 1)).astype(np.float32)
-    eps = rng.normal(size=(3, 2, 2, 1)).astype(np.float32)
-    t = np.array([0, 500, 999], np.int32)
-    ab = np.asarray(sched.alphas_cumprod)[t][:, None, None, None]
-    x_t, v = step._noisy_and_target(x0, eps, t, sa, s1, kind)
-    np.testing.assert_allclose(x_t, np.sqrt(ab) * x0 + np.sqrt(1 - ab) * eps, rtol=1e-5)
-    np.testing.assert_allclose(v, np.sqrt(ab) * eps - np.sqrt(1 - ab) * x0, rtol=1e-5, atol=1e-6)
-    _, target = step._noisy_and_target(x0, eps, t, sa, s1, "epsilon")
-    np.testing.assert_array_equal(target, eps)
-
-
 def test_noise_and_timestep_draws():
     variants = {"spin": ("spin", True), "unshared": ("spin", False), "dpo": ("dpo", False),
                 "kto": ("kto", True)}  # fmt: skip
@@ -257,7 +241,7 @@ def test_noise_and_timestep_draws():
     assert "noise_b" not in out["kto"]
     # Same t and noise within a pair show in the step: real == syn gives equal policy errors.
     batch = make_batch("spin", 16)
-    batch["x0_syn"] = batch["x0_real"]
+    batch["x0_l"] = batch["x0_w"]
     _, m, _ = run_steps("spin", MESH8, batch, n_steps=1)
     assert m[0]["err_policy_real"] == m[0]["err_policy_syn"]
 
@@ -279,8 +263,8 @@ def test_spin_steps_raise_implicit_accuracy():
     smooth = np.cumsum(rng.normal(size=(b, H, W, C)), axis=1).astype(np.float32) / 3
     batch = {
         "input_ids": rng.integers(0, VOCAB, size=(b, LEN)).astype(np.int32),
-        "x0_real": smooth,
-        "x0_syn": rng.normal(size=(b, H, W, C)).astype(np.float32) * 2,
+        "x0_w": smooth,
+        "x0_l": rng.normal(size=(b, H, W, C)).astype(np.float32) * 2,
     }
     params = init_params(2)
     # Opponent = the starting policy, so the first loss is log 2; 25 steps with fresh keys.
@@ -295,7 +279,7 @@ def test_spin_steps_raise_implicit_accuracy():
 
 def test_non_finite_loss_is_reported_and_skipped():
     batch = make_batch("spin", 16)
-    batch["x0_syn"][3, 0, 0, 0] = np.nan
+    batch["x0_l"][3, 0, 0, 0] = np.nan
     params = init_params(0)
     before = jax.device_get(TrainState.create(params, TX))
     state, metrics, _ = run_steps("spin", MESH8, batch, n_steps=1, params=params)
@@ -311,7 +295,7 @@ def test_bad_inputs():
     kw = {"unet_apply": unet_apply, "encode_text": encode_text, "schedule": sd_schedule()}
     with pytest.raises(ValueError, match=r"global batch of 12 is not divisible.*size 8"):
         parallel.global_batch_from_local(make_batch("spin", 12), mesh)
-    with pytest.raises(ValueError, match="unknown loss 'ipo'"):
+    with pytest.raises(ValueError, match="unknown objective 'ipo'"):
         step.make_train_step("ipo", beta=1.0, **kw)
     for beta in (0.0, -5.0, None):
         with pytest.raises(ValueError, match="beta"):
@@ -327,8 +311,9 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r"micro-batch of 4 is not divisible"):
         jax.jit(fn)(state, init_params(0), TEXT_PARAMS, gbatch, jax.random.key(0))
     fn = step.make_train_step("dpo", beta=1.0, **kw)
+    sft_batch = parallel.global_batch_from_local(make_batch("sft", 16), mesh)
     with pytest.raises(ValueError, match=r"dpo batch lacks \['x0_w', 'x0_l'\]"):
-        jax.jit(fn)(state, init_params(0), TEXT_PARAMS, gbatch, jax.random.key(0))
+        jax.jit(fn)(state, init_params(0), TEXT_PARAMS, sft_batch, jax.random.key(0))
     fn = step.make_train_step("spin", beta=1.0, **kw)
     with pytest.raises(ValueError, match="needs ref_params"):
         jax.jit(fn)(state, None, TEXT_PARAMS, gbatch, jax.random.key(0))
@@ -409,18 +394,8 @@ def test_real_unet_and_schedule():
         norm_num_groups=4,
     )
     model = unet_mod.unet_from_config(config)
-    rng = np.random.default_rng(5)
     shapes = unet_mod.unet_param_shapes(model)
     schedule = diffusion.schedule_from_config(presets.SD15_SCHEDULER)
-
-    # Our private noising agrees with the diffusion package's.
-    sa, s1, kind, _ = step._schedule_arrays(schedule)
-    x0 = jnp.asarray(rng.normal(size=(2, H, W, C)), jnp.float32)
-    eps = jnp.asarray(rng.normal(size=(2, H, W, C)), jnp.float32)
-    t = jnp.array([3, 900])
-    x_t, target = step._noisy_and_target(x0, eps, t, sa, s1, kind)
-    np.testing.assert_allclose(x_t, diffusion.add_noise(schedule, x0, eps, t), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(target, diffusion.target(schedule, x0, eps, t), rtol=1e-6)
 
     # The whole step traced with the real UNet (a CPU compile of its backward pass would take
     # most of a minute; the compiled path is covered with TinyNet above).

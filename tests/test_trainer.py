@@ -239,6 +239,15 @@ def test_disk_full_keeps_previous_checkpoint(model_dir, folder, tmp_path, monkey
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
     (summary,) = loop.run(c, workdir)  # the same command resumes from step 2
     assert summary["steps"] == 4
+    # Exact resume of a run without rollouts: the weights of an uninterrupted run, and one
+    # metrics row per step.
+    loop.run(c, str(tmp_path / "uninterrupted"))
+    a = _unet_leaves(workdir, 1, model_dir)
+    b = _unet_leaves(str(tmp_path / "uninterrupted"), 1, model_dir)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    steps = [m["step"] for m in _read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
+    assert steps == [1, 2, 3, 4]
 
 
 def _unet_leaves_steps(workdir):
@@ -278,6 +287,18 @@ def _train_cmd(workdir, model_dir, folder, extra=()):
     ]
 
 
+def kill_when(cmd, env, target):
+    """Starts ``cmd`` and SIGKILLs it as soon as ``target`` exists."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 600
+    while not os.path.exists(target) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, f"{cmd} ended before {target} appeared"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_sigkill_resume_matches_uninterrupted_run(model_dir, folder, tmp_path):
     """Two simulated devices; a run killed mid-training ends with the same weights."""
     flags = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
@@ -285,14 +306,8 @@ def test_sigkill_resume_matches_uninterrupted_run(model_dir, folder, tmp_path):
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     subprocess.run(_train_cmd(full, model_dir, folder), cwd=ROOT, env=env, check=True,
                    capture_output=True)  # fmt: skip
-    proc = subprocess.Popen(_train_cmd(killed, model_dir, folder), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    target = os.path.join(killed, "iteration_2", "checkpoints", "2")
-    deadline = time.time() + 600
-    while not os.path.isdir(target) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(_train_cmd(killed, model_dir, folder), env,
+              os.path.join(killed, "iteration_2", "checkpoints", "2"))  # fmt: skip
     assert not os.path.isfile(os.path.join(killed, "iteration_2", "summary.json"))
     result = subprocess.run(_train_cmd(killed, model_dir, folder), cwd=ROOT, env=env,
                             capture_output=True, text=True)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Data: record sources, the grain input pipeline, the latent cache and the synthetic store.
+"""Data: record sources, the latent cache and the synthetic store.
 
 The TFDS builder (`spin_jax.data.tfds_pickapic`) imports tensorflow_datasets, so it is loaded
 only when asked for (`open_source("tfds", ...)` or an explicit import).
@@ -11,13 +11,6 @@ from spin_jax.data.latent_cache import (
     params_fingerprint,
     sample_latents,
 )
-from spin_jax.data.pipeline import (
-    DataPipeline,
-    collate,
-    make_pipeline,
-    state_from_json,
-    state_to_json,
-)
 from spin_jax.data.sources import VIEWS, Source, open_source, shard_range
 from spin_jax.data.synthetic_store import SyntheticStore, generation_work
 from spin_jax.data.transforms import SKIP_REASONS
@@ -25,19 +18,14 @@ from spin_jax.data.transforms import SKIP_REASONS
 __all__ = [
     "SKIP_REASONS",
     "VIEWS",
-    "DataPipeline",
     "LatentCache",
     "Source",
     "SyntheticStore",
     "cache_key",
-    "collate",
     "generation_work",
-    "make_pipeline",
     "open_latent_cache",
     "open_source",
     "params_fingerprint",
     "sample_latents",
     "shard_range",
-    "state_from_json",
-    "state_to_json",
 ]

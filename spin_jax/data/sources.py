@@ -1,6 +1,6 @@
 """Random-access record sources and what they share.
 
-A source is a grain RandomAccessDataSource (`len`, `__getitem__`) with a stable order: the same
+A source is a random-access record source (`len`, `__getitem__`) with a stable order: the same
 files give the same index for the same record on every host and every run, which is what the
 latent cache and the synthetic-sample store key on. Records are dicts:
 
@@ -9,7 +9,7 @@ latent cache and the synthetic-sample store key on. Records are dicts:
     {..., "label": int}                                  # kto view (1 desirable, 0 not)
 
 A record that cannot be read carries {"error": reason, "detail": str} instead of crashing; the
-pipeline skips and counts it. `meta(i)` returns the record without image bytes (cheap: the
+latent cache skips and counts it. `meta(i)` returns the record without image bytes (cheap: the
 latent-cache path and sample generation never touch images).
 """
 
@@ -70,7 +70,7 @@ def shard_range(
 ) -> tuple[int, int]:
     """[start, end) of the contiguous slice of `shard_index` out of `shard_count`.
 
-    Same split as grain's ShardOptions: with drop_remainder every shard has
+    Contiguous and even: with drop_remainder every shard has
     num_records // shard_count records; otherwise the first `num_records % shard_count` shards
     have one more.
     """

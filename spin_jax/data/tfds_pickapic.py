@@ -8,7 +8,7 @@ Prepare once (no TensorFlow needed):
 or from Python: `build_tfds(manual_dir, data_dir, view)`. The dataset has one builder config per
 view (winners, pairs, kto), keeps the parquet source's record order (shuffling disabled, so
 index i is the same record as PickapicSource index i), and stores the encoded JPEG bytes as a
-string tensor: TFDS's Image feature needs TensorFlow to decode, the grain pipeline decodes with
+string tensor: TFDS's Image feature needs TensorFlow to decode, the latent cache decodes with
 PIL instead. Read it with `TfdsSource`, or directly (after importing this module, which
 registers the builder) with `tfds.data_source("pickapic_v2/winners", data_dir=..., split="train")`.
 """
@@ -174,7 +174,7 @@ class TfdsSource(Source):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_ds"] = None  # each grain worker opens its own readers
+        state["_ds"] = None  # each worker process opens its own readers
         return state
 
     def __len__(self) -> int:

@@ -215,7 +215,7 @@ def load_model(spec: ModelSpec, config: Any, cache: dict | None = None) -> tuple
             cache.update(path=key, sd=sd)
     params = sd.params
     if spec.kind == "run":
-        from spin_jax.train.selfplay import load_iteration_params
+        from spin_jax.train.checkpoints import load_iteration_params
 
         unet = load_iteration_params(spec.path, spec.iteration, like=params["unet"])
         params = {**params, "unet": unet}
