@@ -66,3 +66,52 @@ def test_two_processes_equal_one(tmp_path):
         for name, value in want.items():
             # Tolerance as in test_train_step: 1e-5 against an Adam step of 3e-3 per step.
             np.testing.assert_allclose(got[name], value, atol=1e-5, err_msg=name)
+
+
+def test_whole_run_on_two_processes(tmp_path):
+    """launch/train.py (configs/seppo.py: rollouts on every process, references read back,
+    grids and summaries on process 0) as two processes of one CPU device each, then the same
+    command as one process with two devices: both finish every round with the same weights."""
+    import test_trainer as TT
+    from test_loop import _train_cmd
+
+    from spin_jax.models import load_pretrained
+
+    model_dir = TT.make_tiny_sd(str(tmp_path / "model"), "sd1")
+    from spin_jax.toy.shapes import write_imagefolder
+
+    folder = str(tmp_path / "shapes")
+    write_imagefolder(folder, "clean", 16, seed=0, size=16)
+    base = dict(os.environ, JAX_PLATFORMS="cpu")
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    extra = ["--config.iterations=2", "--config.train.steps=2"]
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        env = dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(i))  # fmt: skip
+        cmd = _train_cmd(two, model_dir, folder, "configs/seppo.py") + extra
+        procs.append(subprocess.Popen(cmd, cwd=TT.ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    env = dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    cmd = _train_cmd(one, model_dir, folder, "configs/seppo.py") + extra
+    single = subprocess.run(cmd, cwd=TT.ROOT, env=env, capture_output=True, text=True)
+    try:
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert single.returncode == 0, single.stderr[-3000:]
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-4000:]
+    for k in (1, 2):
+        for run in (one, two):
+            assert os.path.isfile(os.path.join(run, f"iteration_{k}", "summary.json"))
+            assert os.path.isfile(os.path.join(run, f"iteration_{k}", "grid.png"))
+    like = load_pretrained(model_dir).params["unet"]
+    a = jax.tree.leaves(TT.checkpoints.load_iteration_params(one, 2, like))
+    b = jax.tree.leaves(TT.checkpoints.load_iteration_params(two, 2, like))
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

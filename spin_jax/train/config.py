@@ -44,7 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.steps = 500  # optimizer steps per round
     c.train.batch_size = 2048  # global, in pairs (SPIN/DPO) or images (SFT/KTO)
-    c.train.accum_steps = 1  # micro-batches per optimizer step
+    # Examples per device per micro-batch; the number of micro-batches (accumulation steps)
+    # follows from the devices present: batch_size / (per_device_batch_size x devices), the
+    # per-device size lowered until it divides. 0: use train.accum_steps as given.
+    c.train.per_device_batch_size = 0
+    c.train.accum_steps = 1  # micro-batches per optimizer step (per_device_batch_size = 0)
     c.train.optimizer = "adamw"
     c.train.learning_rate = 2e-5
     c.train.lr_schedule = "linear"  # constant | linear | cosine, after warmup
@@ -134,7 +138,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     ):
         if int(_get(c, field)) < 1:
             fail(field, "must be >= 1")
-    if c.train.batch_size % c.train.accum_steps:
+    if int(c.train.per_device_batch_size) < 0:
+        fail("train.per_device_batch_size", "must be >= 0 (0: use train.accum_steps)")
+    if not c.train.per_device_batch_size and c.train.batch_size % c.train.accum_steps:
         fail("train.batch_size", f"must be divisible by train.accum_steps={c.train.accum_steps}")
     if c.data.resolution % 8:
         fail("data.resolution", "must be a multiple of 8 (the VAE downsamples by 8)")
@@ -152,6 +158,27 @@ def validate(c: ml_collections.ConfigDict) -> None:
         fail("seppo.reference", f"must be one of {objectives.REFERENCE_CHOICES}")
     if float(c.loss.sft_weight) < 0:
         fail("loss.sft_weight", "must be >= 0")
+
+
+def accumulation(c: ml_collections.ConfigDict, data_parallel: int) -> tuple[int, str]:
+    """(micro-batches per optimizer step, why) for ``data_parallel`` devices."""
+    b = int(c.train.batch_size)
+    want = int(c.train.per_device_batch_size)
+    if not want:
+        return int(c.train.accum_steps), "train.accum_steps as set"
+    if b % data_parallel:
+        raise ValueError(
+            f"config.train.batch_size = {b}: must be divisible by the {data_parallel} "
+            "data-parallel devices"
+        )
+    per_device = min(want, b // data_parallel)
+    while (b // data_parallel) % per_device:
+        per_device -= 1
+    accum = b // (per_device * data_parallel)
+    why = f"{b} = {accum} x {per_device} per device x {data_parallel} devices"
+    if per_device != want:
+        why += f" (train.per_device_batch_size {want} lowered to divide the batch)"
+    return accum, why
 
 
 def beta_for_iteration(c: ml_collections.ConfigDict, iteration: int) -> float:

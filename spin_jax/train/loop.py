@@ -165,19 +165,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     config_lib.validate(c)
     objective = objectives.get(c.objective)
     mesh = parallel.make_mesh(c.mesh.data, c.mesh.fsdp)
-    parallel.check_batch_divisible(c.train.batch_size // c.train.accum_steps, mesh,
-                                   what="micro-batch")  # fmt: skip
+    accum, accum_why = config_lib.accumulation(c, parallel.data_parallel_size(mesh))
+    c = ml_collections.ConfigDict(c.to_dict())  # what this machine runs; config.json keeps config
+    c.train.accum_steps = accum
+    parallel.check_batch_divisible(c.train.batch_size // accum, mesh, what="micro-batch")
     if not os.path.isdir(c.model.path):
         raise FileNotFoundError(f"config.model.path: model directory not found: {c.model.path}")
     if not os.path.exists(c.data.path):
         raise FileNotFoundError(f"config.data.path: dataset not found: {c.data.path}")
-    check_workdir(workdir, c)
+    check_workdir(workdir, config)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[c.model.dtype]
     sd = load_pretrained(c.model.path, dtype, attention_impl=c.model.attention_impl or None,
                          remat=c.model.remat, allow_pickle=c.model.allow_pickle)  # fmt: skip
     data = batches.open_data(c, objective, workdir, sd, barrier)
     writer = metrics_lib.MetricWriter(workdir)
-    _report(c, objective, mesh, data)
+    _report(c, objective, mesh, data, accum_why)
 
     n_rounds, steps = int(c.iterations), int(c.train.steps)
     # A continuous objective is one fine-tune over all rounds: its schedule spans them all.
@@ -344,7 +346,7 @@ def _grid(c, sd, unet_params, round_dir: str) -> None:
     metrics_lib.save_grid(np.asarray(images), os.path.join(round_dir, "grid.png"))
 
 
-def _report(c, objective, mesh, data) -> None:
+def _report(c, objective, mesh, data, accum_why) -> None:
     dp = parallel.data_parallel_size(mesh)
     micro = c.train.batch_size // c.train.accum_steps
     for line in (
@@ -353,7 +355,7 @@ def _report(c, objective, mesh, data) -> None:
         f"devices: {jax.device_count()} ({jax.devices()[0].platform}) on "
         f"{jax.process_count()} process(es); mesh {dict(mesh.shape)}",
         f"batch: global {c.train.batch_size} = {c.train.accum_steps} micro-batches of {micro} "
-        f"({micro // dp} per device)",
+        f"({micro // dp} per device): {accum_why}",
         f"model: {c.model.path} ({c.model.dtype} compute, attention {c.model.attention_impl})",
         f"data: {c.data.source} {c.data.path}: {data.summary}",
     ):
