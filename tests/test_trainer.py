@@ -316,3 +316,25 @@ def test_sigkill_resume_matches_uninterrupted_run(model_dir, folder, tmp_path):
     b = _unet_leaves(killed, 2, model_dir)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_unreadable_checkpoint_is_moved_aside_and_the_previous_one_used(model_dir, folder, tmp_path, capsys):  # fmt: skip
+    c = tiny_config("sft", model_dir, folder)
+    c.checkpoint.every_steps = 1
+    workdir = str(tmp_path / "run")
+    loop.run(c, workdir)
+    want = _unet_leaves(workdir, 1, model_dir)
+    ckpt = os.path.join(workdir, "iteration_1", "checkpoints")
+    # Damage every file of the last checkpoint's parameters; the run "died" before its summary.
+    for root, _, files in os.walk(os.path.join(ckpt, "3", "params")):
+        for name in files:
+            with open(os.path.join(root, name), "r+b") as f:
+                f.truncate(max(1, os.path.getsize(os.path.join(root, name)) // 3))
+    os.remove(os.path.join(workdir, "iteration_1", "summary.json"))
+    (summary,) = loop.run(c, workdir)
+    out = capsys.readouterr().out
+    assert "is unreadable" in out and "moved to" in out
+    assert any(n.startswith("3.unreadable") for n in os.listdir(ckpt))
+    assert summary["steps"] == 3
+    for x, y in zip(want, _unet_leaves(workdir, 1, model_dir), strict=True):
+        np.testing.assert_array_equal(x, y)

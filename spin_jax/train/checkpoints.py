@@ -64,6 +64,39 @@ def latest(workdir: str, num_rounds: int) -> tuple[int, int] | None:
     return None
 
 
+def move_aside(workdir: str, round_: int, step: int) -> str:
+    """Renames an unreadable checkpoint out of orbax's sight (kept for inspection, not deleted);
+    returns its new path."""
+    path = os.path.join(checkpoint_dir(workdir, round_), str(step))
+    dest = f"{path}.unreadable"
+    n = 1
+    while os.path.exists(dest):
+        n += 1
+        dest = f"{path}.unreadable{n}"
+    os.replace(path, dest)
+    return dest
+
+
+def restore_latest(workdir: str, num_rounds: int, like: TrainState,
+                   say: Any = print) -> tuple[TrainState, tuple[int, int] | None]:  # fmt: skip
+    """The newest checkpoint that reads back, and its (round, step); (like, None) if none.
+
+    A checkpoint that fails to restore (a disk error, a truncated file) is reported in one
+    line and moved aside, and the next older one is tried."""
+    while (found := latest(workdir, num_rounds)) is not None:
+        r, s = found
+        try:
+            return restore_state(workdir, r, s, like), found
+        except Exception as e:  # orbax/tensorstore raise many types for a damaged file
+            if jax.process_count() > 1:
+                raise  # every process must agree on what to resume from: stop instead
+            moved = move_aside(workdir, r, s)
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            say(f"checkpoint {os.path.join(checkpoint_dir(workdir, r), str(s))} is unreadable "
+                f"({type(e).__name__}: {first}); moved to {moved}; trying the previous one")  # fmt: skip
+    return like, None
+
+
 def save(mgr: ocp.CheckpointManager, step: int, state: TrainState, meta: dict) -> None:
     # Orbax writes into a temporary folder and renames it when complete, so a failed write
     # (disk full, ...) leaves the previous checkpoint as it was.

@@ -194,10 +194,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     text = parallel.replicate(sd.params["text_encoder"], mesh)
 
     first_round, first_step = 1, 0
-    found = checkpoints.latest(workdir, n_rounds)
+    state, found = checkpoints.restore_latest(workdir, n_rounds, state, say)
     if found is not None:
         r, s = found
-        state = checkpoints.restore_state(workdir, r, s, state)
         done = s == steps and os.path.isfile(_summary_path(workdir, r))
         first_round, first_step = (r + 1, 0) if done else (r, s)
         writer.resume_at((r - 1) * steps + s)

@@ -63,8 +63,10 @@ class _Prompts:
 
 
 def sample_latents_for(sd: Any, params: Any, ids: np.ndarray, key: jax.Array,
-                       config: ml_collections.ConfigDict) -> np.ndarray:  # fmt: skip
-    """Final latents (scaled, NHWC) of prompts ``ids`` with the config's sampler.
+                       config: ml_collections.ConfigDict, examples: np.ndarray) -> np.ndarray:  # fmt: skip
+    """Final latents (scaled, NHWC) of prompts ``ids`` with the config's sampler; example i's
+    noise comes from ``fold_in(key, examples[i])``, so a sample does not depend on how the
+    prompts were cut into calls (or over processes).
 
     ``sample.pixel_roundtrip``: the papers' pipeline instead, decode to 8-bit pixels, encode
     again and draw from the VAE posterior."""
@@ -73,14 +75,17 @@ def sample_latents_for(sd: Any, params: Any, ids: np.ndarray, key: jax.Array,
     c = config
     size = c.data.resolution
     kwargs = dict(num_steps=c.sample.num_steps, guidance_scale=c.sample.guidance_scale,
-                  height=size, width=size, sampler=c.sample.sampler, mesh=parallel.local_mesh())  # fmt: skip
+                  height=size, width=size, sampler=c.sample.sampler, mesh=parallel.local_mesh(),
+                  example_ids=np.asarray(examples))  # fmt: skip
     if not c.sample.pixel_roundtrip:
         return np.asarray(generate(sd, params, ids, key, decode=False, **kwargs), np.float32)
     images = generate(sd, params, ids, key, decode=True, **kwargs)
     images = np.round((np.clip(np.asarray(images), -1, 1) + 1) * 127.5) / 127.5 - 1
     mean, logvar = jax.jit(sd.vae_encode)(params["vae"], jnp.asarray(images, jnp.float32))
-    z = sample_latents(mean, logvar, jax.random.fold_in(key, 1), sd.scaling_factor)
-    return np.asarray(z, np.float32)
+    post = jax.random.fold_in(key, 0x7FFFFFFF)  # a stream apart from the examples
+    z = [sample_latents(mean[i : i + 1], logvar[i : i + 1], jax.random.fold_in(post, int(e)),
+                        sd.scaling_factor) for i, e in enumerate(examples)]  # fmt: skip
+    return np.concatenate([np.asarray(x, np.float32) for x in z])
 
 
 def roll_out(
@@ -140,12 +145,11 @@ def roll_out(
             chunks = []
             for start in range(0, len(indices), per_call):
                 ids = sd.tokenize(texts[start : start + per_call])
-                # Keyed by the example (not the record): the same example gets the same noise
-                # whichever rollout kind asks for it.
-                example = int(indices[start] if rows is None else rows[indices[start]])
-                chunks.append(
-                    sample_latents_for(sd, params, ids, jax.random.fold_in(key, example), c)
-                )
+                # Keyed by the example (not the record or the call): the same example gets the
+                # same noise however the work is split.
+                part = indices[start : start + per_call]
+                examples = part if rows is None else np.asarray(rows)[part]
+                chunks.append(sample_latents_for(sd, params, ids, key, c, examples))
                 n += len(ids)
                 bar.update(len(ids))
             store.write_shard(shard, np.concatenate(chunks))
