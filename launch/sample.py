@@ -7,22 +7,34 @@ r"""Generates one image per prompt with a diffusers-format Stable Diffusion mode
 Writes <out_dir>/<i:06d>.png per prompt, <out_dir>/grid.png, <out_dir>/metadata.jsonl and, with
 --config.output.latents=True, the final latents as <out_dir>/latents/<start>-<end>.npy shards.
 Rerunning the same command continues a partial folder: prompts whose files exist are skipped.
+The folder records what its outputs depend on in <out_dir>/settings.json (a hash of the prompt
+list, seed, sampler, steps, guidance, negative prompt, size, dtype and a fingerprint of the model
+folder); a rerun with other settings is refused, naming the fields that differ: use another
+folder, or --overwrite, which deletes the old outputs first. One run writes a folder at a time
+(<out_dir>/.lock). SIGTERM or Ctrl-C finishes the batch in flight, keeps every finished image and
+exits with status 75 (spin_jax.interrupt.EXIT_INTERRUPTED); a second Ctrl-C stops at once.
 On several hosts, start one process per host; each takes its share of the batches.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from spin_jax import cli  # noqa: E402
+
+cli.quiet_start()  # before jax / transformers are imported
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 PROMPT_FIELDS = ("text", "prompt", "caption")
 
@@ -33,8 +45,7 @@ def read_prompts(path: str) -> list[str]:
         raise ValueError("config.prompts is empty: give a prompts file (--config.prompts=FILE)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        lines = [(n, line.strip()) for n, line in enumerate(f, start=1)]
+    lines = [(n, line.strip()) for n, line in enumerate(cli.read_lines(path), start=1)]
     lines = [(n, line) for n, line in lines if line]
     if not lines:
         raise ValueError(f"prompts file {path} has no prompts")
@@ -117,31 +128,152 @@ def shard_path(out_dir: str, start: int, end: int) -> str:
     return os.path.join(out_dir, "latents", f"{start:06d}-{end:06d}.npy")
 
 
-def run(config) -> dict:
-    """Generates what is missing in ``config.out_dir``; returns counts of done and skipped."""
+SETTINGS_SAMPLE_FIELDS = (
+    "sampler",
+    "num_steps",
+    "guidance_scale",
+    "negative_prompt",
+    "height",
+    "width",
+)
+_IMAGE_NAME = re.compile(r"^\d{6}\.png$")
+_OTHER_OUTPUTS = ("latents", "metadata.jsonl", "grid.png", "settings.json")
+
+
+def settings_of(config, prompts: list[str]) -> dict:
+    """What the images and latents of ``config.out_dir`` depend on (recorded in settings.json)."""
+    from spin_jax.runlock import folder_fingerprint
+
+    digest = hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()
+    return {
+        "prompts": {"count": len(prompts), "sha256": digest[:32]},
+        "seed": int(config.seed),
+        "sample": {k: config.sample[k] for k in SETTINGS_SAMPLE_FIELDS},
+        "model": {
+            "path": os.path.abspath(config.model.path),
+            "fingerprint": folder_fingerprint(config.model.path),
+            "dtype": config.model.dtype,
+        },
+    }
+
+
+def existing_outputs(out_dir: str) -> list[str]:
+    """The files and folders of ``out_dir`` this script writes (what --overwrite deletes)."""
+    if not os.path.isdir(out_dir):
+        return []
+    return [
+        os.path.join(out_dir, name)
+        for name in sorted(os.listdir(out_dir))
+        if _IMAGE_NAME.match(name)
+        or name in _OTHER_OUTPUTS
+        or (name.endswith(".tmp") and (_IMAGE_NAME.match(name[:-4]) or name[:-4] in _OTHER_OUTPUTS))
+    ]
+
+
+def remove_outputs(out_dir: str) -> int:
+    """Deletes what ``existing_outputs`` lists (not the folder, nor files of others)."""
+    import shutil
+
+    paths = existing_outputs(out_dir)
+    for path in paths:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    return len(paths)
+
+
+def check_config(config) -> None:
+    """Every field the run uses, before any work."""
+    from spin_jax.diffusion import samplers
+
+    if not config.out_dir:
+        raise ValueError("config.out_dir is empty: give an output folder (--config.out_dir=DIR)")
+    if not (config.output.images or config.output.latents):
+        raise ValueError("config.output.images and config.output.latents are both off")
+    if int(config.sample.batch_size) < 1:
+        raise ValueError(f"config.sample.batch_size={config.sample.batch_size} must be >= 1")
+    if config.sample.sampler not in samplers.SAMPLERS:
+        raise ValueError(
+            f"config.sample.sampler={config.sample.sampler!r} is not one of "
+            f"{sorted(samplers.SAMPLERS)}"
+        )
+    if int(config.sample.num_steps) < 1:
+        raise ValueError(f"config.sample.num_steps={config.sample.num_steps} must be >= 1")
+    for field in ("height", "width"):
+        if int(config.sample[field]) < 8 or int(config.sample[field]) % 8:
+            raise ValueError(
+                f"config.sample.{field}={config.sample[field]} must be a positive multiple of 8"
+            )
+    if config.model.dtype not in ("float32", "bfloat16"):
+        raise ValueError(
+            f"config.model.dtype={config.model.dtype!r} is not one of ['bfloat16', 'float32']"
+        )
+    if not config.model.path:
+        raise ValueError("config.model.path is empty: give a diffusers-format model folder")
+    if not os.path.isdir(config.model.path):
+        raise FileNotFoundError(
+            f"config.model.path: model directory not found: {config.model.path}"
+        )
+
+
+def run(config, *, overwrite: bool = False) -> dict:
+    """Generates what is missing in ``config.out_dir``; returns counts of done and skipped.
+
+    ``overwrite`` deletes the folder's earlier outputs first. ``interrupted`` in the result is
+    True when SIGTERM / SIGINT stopped the run between batches (finished images are kept);
+    ``finished`` of ``total`` prompts of this process are then done.
+    """
+    import jax
+
+    from spin_jax import runlock
+
+    prompts = read_prompts(config.prompts)
+    check_config(config)
+    out_dir = config.out_dir
+    main = jax.process_index() == 0
+    with runlock.acquire(out_dir, what="output folder", enabled=main):
+        if main and overwrite:
+            removed = remove_outputs(out_dir)
+            if removed:
+                logging.getLogger("spin_jax").info("--overwrite: removed %d outputs", removed)
+        if main:
+            outputs = [p for p in existing_outputs(out_dir) if not p.endswith("settings.json")]
+            runlock.check_settings(
+                out_dir, settings_of(config, prompts), what="output folder",
+                has_outputs=bool(outputs),
+            )  # fmt: skip
+        _sync("sample_settings")
+        return _generate(config, prompts)
+
+
+def _sync(name: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _generate(config, prompts: list[str]) -> dict:
     import jax
     import numpy as np
     from tqdm import tqdm
 
+    from spin_jax import interrupt
     from spin_jax.diffusion import generate
     from spin_jax.diffusion.generate import default_mesh, place_params
 
-    if not config.out_dir:
-        raise ValueError("config.out_dir is empty: give an output folder (--config.out_dir=DIR)")
+    out_dir = config.out_dir
     want_images, want_latents = bool(config.output.images), bool(config.output.latents)
-    if not (want_images or want_latents):
-        raise ValueError("config.output.images and config.output.latents are both off")
     bs = int(config.sample.batch_size)
-    if bs < 1:
-        raise ValueError(f"config.sample.batch_size={bs} must be >= 1")
-    prompts = read_prompts(config.prompts)
     sd = load_model(
         config.model.path,
         config.model.dtype,
         config.model.attention_impl,
         bool(config.model.allow_pickle),
     )
-    out_dir = config.out_dir
     os.makedirs(os.path.join(out_dir, "latents") if want_latents else out_dir, exist_ok=True)
 
     # Work: aligned chunks of batch_size prompts, round-robin over processes.
@@ -171,43 +303,50 @@ def run(config) -> dict:
         neg = sd.tokenize([config.sample.negative_prompt])
     done = 0
     main = jax.process_index() == 0
-    for start, end, todo, need_shard in tqdm(work, desc="sample", unit="batch", disable=not main):
-        # Always a full batch (the last index repeated), so every call reuses one compilation.
-        ids = np.array(todo + [todo[-1]] * (bs - len(todo)), np.int32)
-        out = generate(
-            sd,
-            params,
-            sd.tokenize([prompts[i] for i in ids]),
-            key,
-            num_steps=int(config.sample.num_steps),
-            guidance_scale=float(config.sample.guidance_scale),
-            height=int(config.sample.height),
-            width=int(config.sample.width),
-            decode=want_images,
-            negative_prompt_ids=neg,
-            sampler=config.sample.sampler,
-            mesh=mesh,
-            example_ids=ids,
-            return_latents=want_images and want_latents,
-        )
-        if want_images and want_latents:
-            images, latents = out
-        elif want_images:
-            images, latents = out, None
-        else:
-            images, latents = None, out
-        if images is not None:
-            pixels = _to_uint8(images)
-            for k, i in enumerate(todo):
-                _save_png(pixels[k], image_path(out_dir, i))
-        if need_shard:
-            _save_npy(np.asarray(latents, np.float32)[: len(todo)], shard_path(out_dir, start, end))
-        done += len(todo)
+    with interrupt.Guard() as guard:
+        bar = tqdm(work, desc="sample", unit="batch", disable=not main)
+        for start, end, todo, need_shard in bar:
+            if guard.requested:
+                break  # the batch in flight is written; stop before the next one
+            # Always a full batch (the last index repeated), so every call reuses one compilation.
+            ids = np.array(todo + [todo[-1]] * (bs - len(todo)), np.int32)
+            out = generate(
+                sd,
+                params,
+                sd.tokenize([prompts[i] for i in ids]),
+                key,
+                num_steps=int(config.sample.num_steps),
+                guidance_scale=float(config.sample.guidance_scale),
+                height=int(config.sample.height),
+                width=int(config.sample.width),
+                decode=want_images,
+                negative_prompt_ids=neg,
+                sampler=config.sample.sampler,
+                mesh=mesh,
+                example_ids=ids,
+                return_latents=want_images and want_latents,
+            )
+            if want_images and want_latents:
+                images, latents = out
+            elif want_images:
+                images, latents = out, None
+            else:
+                images, latents = None, out
+            if images is not None:
+                pixels = _to_uint8(images)
+                for k, i in enumerate(todo):
+                    _save_png(pixels[k], image_path(out_dir, i))
+            if need_shard:
+                latents = np.asarray(latents, np.float32)[: len(todo)]
+                _save_npy(latents, shard_path(out_dir, start, end))
+            done += len(todo)
+        bar.close()
+    summary = {"prompts": n, "generated": done, "skipped": skipped, "interrupted": False}
+    if guard.requested:
+        # Other processes may be elsewhere in their share: no barrier; a rerun completes it.
+        return {**summary, "interrupted": True, "finished": skipped + done, "total": mine}
 
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("sample_done")
+    _sync("sample_done")
     if main and want_images:
         records = [
             {"file_name": os.path.basename(image_path(out_dir, i)), "text": p}
@@ -222,25 +361,33 @@ def run(config) -> dict:
         grid = [p for p in grid if os.path.isfile(p)]
         if grid:
             save_grid(grid, os.path.join(out_dir, "grid.png"))
-    return {"prompts": n, "generated": done, "skipped": skipped}
+    return summary
 
 
 def main(argv):
     del argv
-    from spin_jax import parallel
+    from spin_jax import interrupt, parallel, runlock
 
     parallel.init_distributed()  # before any other JAX call
     logging.getLogger("spin_jax").setLevel(logging.INFO)
     try:
-        summary = run(_CONFIG.value)
-    except (ValueError, FileNotFoundError) as e:
+        summary = run(_CONFIG.value, overwrite=_OVERWRITE.value)
+    except (ValueError, FileNotFoundError, runlock.LockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    if summary["interrupted"]:
+        interrupt.exit_interrupted(
+            f"interrupted; {summary['finished']} of {summary['total']} images done; "
+            "rerun the same command to resume"
+        )
     print(json.dumps(summary))
 
 
 if __name__ == "__main__":
     # Defined here, so tests can import run() next to other launchers' flags.
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:preset]).")
+    _OVERWRITE = flags.DEFINE_bool(
+        "overwrite", False, "Delete the outputs already in config.out_dir first."
+    )
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main)

@@ -54,7 +54,7 @@ def test_sample_writes_everything_and_resumes(model_path, tmp_path, caplog):
     config = make_config(model_path, prompts, out)
     with caplog.at_level(logging.WARNING, logger="spin_jax"):
         summary = sample.run(config)
-    assert summary == {"prompts": 5, "generated": 5, "skipped": 0}
+    assert summary == {"prompts": 5, "generated": 5, "skipped": 0, "interrupted": False}
     assert sum("truncated" in r.getMessage() for r in caplog.records) == 1
     for i in range(5):
         img = np.asarray(Image.open(out / f"{i:06d}.png"))
@@ -80,7 +80,7 @@ def test_sample_writes_everything_and_resumes(model_path, tmp_path, caplog):
     os.remove(out / "000001.png")
     os.remove(out / "latents" / "000004-000005.npy")
     summary = sample.run(config)
-    assert summary == {"prompts": 5, "generated": 2, "skipped": 3}
+    assert summary == {"prompts": 5, "generated": 2, "skipped": 3, "interrupted": False}
     np.testing.assert_array_equal(np.asarray(Image.open(out / "000001.png")), before)
     np.testing.assert_allclose(np.load(out / "latents" / "000004-000005.npy"), last, atol=1e-6)
 
@@ -118,3 +118,103 @@ def test_cli_reports_bad_input_cleanly(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 1
     assert "has no prompts" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_rerun_with_other_settings_is_refused_not_mislabelled(model_path, tmp_path):
+    """Issue 14: another prompts file, seed and step count into the same out_dir used to skip
+    every image as done and rewrite metadata.jsonl with the new prompts (mislabelling)."""
+    first = tmp_path / "first.txt"
+    first.write_text("a red circle\nthe cat on the left\n")
+    out = tmp_path / "out"
+    config = make_config(model_path, first, out)
+    config.output.latents = False
+    assert sample.run(config)["generated"] == 2
+    metadata = (out / "metadata.jsonl").read_text()
+    image = np.asarray(Image.open(out / "000001.png"))
+
+    second = tmp_path / "second.txt"
+    second.write_text("a blue square\nphoto of a dog\n")
+    other = make_config(model_path, second, out)
+    other.output.latents = False
+    other.seed = 1
+    other.sample.num_steps = 2
+    with pytest.raises(ValueError, match="other settings") as e:
+        sample.run(other)
+    message = str(e.value)
+    for field in ("prompts.sha256", "seed", "sample.num_steps"):
+        assert field in message
+    assert "--overwrite" in message and "another folder" in message
+    assert (out / "metadata.jsonl").read_text() == metadata  # still labels the old images
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "000001.png")), image)
+
+    # --overwrite deletes the old outputs first, then makes the new ones.
+    (out / "notes.txt").write_text("not ours")
+    assert sample.run(other, overwrite=True)["generated"] == 2
+    records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in records] == ["a blue square", "photo of a dog"]
+    assert not np.array_equal(np.asarray(Image.open(out / "000001.png")), image)
+    assert (out / "notes.txt").read_text() == "not ours"
+    assert sample.run(other)["generated"] == 0  # the same settings resume
+
+
+def test_folder_of_an_older_version_is_refused(model_path, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(out / "000000.png")
+    with pytest.raises(ValueError, match="no settings.json"):
+        sample.run(make_config(model_path, prompts, out))
+
+
+def test_bad_sampler_refused_before_loading(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    c = make_config(str(tmp_path / "no_model"), prompts, tmp_path / "out")
+    c.sample.sampler = "eulr"
+    with pytest.raises(ValueError, match="config.sample.sampler='eulr' is not one of"):
+        sample.run(c)
+
+
+def _cli(*args, timeout=120):
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "launch", "sample.py"),
+        f"--config={os.path.join(ROOT, 'configs', 'sample.py')}",
+        *args,
+    ]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_cli_override_typo_is_one_line(tmp_path):
+    result = _cli("--config.smaple.num_steps=3")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: --config.smaple.num_steps: no field 'smaple' in config; did you mean 'sample'?"
+    )
+    result = _cli("--config.sample.num_stpes=3")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: --config.sample.num_stpes: no field 'num_stpes' in config.sample; "
+        "did you mean 'num_steps'?"
+    )
+    result = _cli("--config.sample.num_steps=many")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "--config.sample.num_steps=many" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_locked_folder(tmp_path):
+    from spin_jax import runlock
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    model = tmp_path / "model"
+    model.mkdir()
+    out = tmp_path / "out"
+    with runlock.acquire(str(out)):
+        result = _cli(
+            f"--config.prompts={prompts}", f"--config.out_dir={out}", f"--config.model.path={model}"
+        )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"pid {os.getpid()}" in result.stderr and "is in use by another run" in result.stderr
