@@ -21,7 +21,7 @@ def _get_config(name: str, arg: str = "demo"):
     return module.get_config(arg)
 
 
-@pytest.mark.parametrize("name", ["spin", "sft", "dpo", "kto"])
+@pytest.mark.parametrize("name", ["spin", "sft", "dpo", "kto", "seppo"])
 def test_demo_preset_of_every_config(demo_env, name):
     from spin_jax.train.config import validate
 
@@ -30,7 +30,7 @@ def test_demo_preset_of_every_config(demo_env, name):
     assert c.model.path == demo.shipped_base_path()
     assert c.data.resolution == 32 and c.model.dtype == "float32"
     assert c.model.attention_impl is None and not c.data.random_flip
-    assert c.iterations == (3 if name == "spin" else 1)
+    assert c.iterations == (3 if name in ("spin", "seppo") else 1)
     assert c.toy_eval.enabled
     for p in c.log.grid_prompts:
         shapes.parse_caption(p)
@@ -110,3 +110,10 @@ def test_demo_runs_end_to_end_at_reduced_size(demo_env):
     it1 = checkpoints.load_iteration_params(workdir, 1, sd.params["unet"])
     diff = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), it1, sd.params["unet"])
     assert max(jax.tree.leaves(diff)) > 0
+
+
+def test_unknown_preset_is_named(demo_env):
+    with pytest.raises(
+        ValueError, match=r"configs/seppo.py: unknown preset 'dmeo' \(known: demo\)"
+    ):
+        _get_config("seppo", "dmeo")
