@@ -10,9 +10,16 @@ unless --allow_pickle says you trust it. Tensor names are kept (nested "state_di
 unwrapped, a "module." prefix removed); the scorers map them.
 """
 
+import os
 import sys
 
-from absl import app, flags
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from spin_jax import cli  # noqa: E402
+
+cli.quiet_start()  # before jax / transformers are imported
+
+from absl import flags  # noqa: E402
 
 _INPUT = flags.DEFINE_string("input", None, "Pickled checkpoint (.pt, .pth, .bin, .ckpt).")
 _OUTPUT = flags.DEFINE_string("output", None, "safetensors file to write.")
@@ -35,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

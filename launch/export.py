@@ -11,7 +11,13 @@ import json
 import os
 import sys
 
-from absl import app, flags
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from spin_jax import cli  # noqa: E402
+
+cli.quiet_start()  # before jax / transformers are imported
+
+from absl import flags  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by launch/train.py.")
 _ITERATION = flags.DEFINE_integer("iteration", None, "Iteration to export (0 = base model).")
@@ -51,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

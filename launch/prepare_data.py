@@ -12,6 +12,9 @@ The cache lands in <cache_dir>/<hash of its settings>/ and is what the trainer r
 given the same data, model VAE, resolution and flip settings (config.data.cache_dir). A killed
 run continues with the unfinished shards. With several hosts, run it on every host (one process
 per host, --distributed): each builds its share of the shards into the shared folder.
+Records that cannot be used are listed in <cache>/skipped.jsonl (index, file, reason, detail);
+the first few are printed. SIGTERM or Ctrl-C stops after the shard in flight (finished shards are
+kept) and exits with status 75: rerun the same command to continue.
 """
 
 from __future__ import annotations
@@ -21,9 +24,13 @@ import os
 import sys
 import time
 
-from absl import app, flags
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from spin_jax import cli  # noqa: E402
+
+cli.quiet_start()  # before jax / transformers are imported
+
+from absl import flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum(
@@ -55,6 +62,12 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer("num_threads", 8, "Threads decoding images.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+flags.DEFINE_enum(
+    "empty_caption",
+    "skip",
+    ["skip", "unconditional"],
+    "Records with an empty caption: skipped and counted, or kept as unconditional examples.",
+)
 
 
 def make_encode_fn(sd, batch_size: int):
@@ -103,8 +116,11 @@ def prepare(
     shard_size: int = 256,
     batch_size: int = 32,
     num_threads: int = 8,
+    empty_caption: str = "skip",
+    stop=None,
 ) -> dict:
-    """Does the work of the command line; returns a summary dict."""
+    """Does the work of the command line; returns a summary dict (``"interrupted": True``
+    when ``stop()`` ended the cache build early)."""
     from spin_jax.data import open_latent_cache, open_source, params_fingerprint
 
     if not path:
@@ -149,6 +165,7 @@ def prepare(
             min_size=min_size or None,
             dtype=dtype,
             shard_size=shard_size,
+            empty_caption=empty_caption,
         )
         print(
             f"latent cache {cache.dir}: {len(cache.missing_shards())} of {cache.num_shards} shards to build"
@@ -162,6 +179,7 @@ def prepare(
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             progress=jax.process_index() == 0,
+            stop=stop,
         )
         seconds = time.time() - t0
         summary["cache"] = {
@@ -171,17 +189,39 @@ def prepare(
             "images_per_s": round(built.get("records", 0) / max(seconds, 1e-9), 1),
             "complete": cache.is_complete(),
             "status": cache.summary(),
+            "shards_done": cache.num_shards - len(cache.missing_shards()),
+            "shards": cache.num_shards,
         }
+        if built.get("interrupted"):
+            summary["interrupted"] = True
     return summary
 
 
 def main(argv):
     del argv
+    from spin_jax import interrupt
+
     if FLAGS.distributed:
         import jax
 
         jax.distributed.initialize()
-    summary = prepare(
+    with interrupt.Guard() as guard:
+        try:
+            summary = _prepare_from_flags(lambda: guard.requested)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+    if summary.get("interrupted"):
+        c = summary["cache"]
+        interrupt.exit_interrupted(
+            f"interrupted; {c['shards_done']} of {c['shards']} latent cache shards done; "
+            "rerun the same command to resume"
+        )
+    print(json.dumps(summary, indent=2, sort_keys=True))
+
+
+def _prepare_from_flags(stop) -> dict:
+    return prepare(
         source=FLAGS.source,
         path=FLAGS.path,
         view=FLAGS.view,
@@ -200,10 +240,11 @@ def main(argv):
         shard_size=FLAGS.shard_size,
         batch_size=FLAGS.batch_size,
         num_threads=FLAGS.num_threads,
+        empty_caption=FLAGS.empty_caption,
+        stop=stop,
     )
-    print(json.dumps(summary, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("path")
-    app.run(main)
+    cli.run(main)

@@ -192,3 +192,68 @@ def test_convert_pickle(tmp_path):
     cmd = [sys.executable, "launch/convert_scorer.py", f"--input={path}", f"--output={out}"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 1 and "allow_pickle" in res.stderr
+
+
+def test_settings_lock_and_interrupt(setup, tmp_path, monkeypatch):
+    import signal
+
+    from spin_jax import runlock
+
+    workdir = str(tmp_path / "eval")
+    c = _config(setup, f"base={setup['sd']}")
+    c.scorers.metrics = "pickscore"
+
+    # SIGTERM after the first saved image: the batch in flight (2 images) is finished, then the
+    # run stops; the rerun completes it with the same images as an uninterrupted run.
+    save = evaluate._save_png
+    calls = []
+
+    def save_then_term(image, path):
+        save(image, path)
+        calls.append(path)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(evaluate, "_save_png", save_then_term)
+    out = evaluate.run(c, workdir)
+    assert out == {"interrupted": True, "images_done": 2, "images_total": 3}
+    assert not os.path.exists(os.path.join(workdir, "report.md"))
+    assert not os.path.exists(os.path.join(workdir, ".lock"))
+    calls.append("term sent")  # from here on it only counts
+    summary = evaluate.run(c, workdir)
+    assert "interrupted" not in summary
+    assert len(calls) == 2 + 1 + 1  # only the third image is new
+    monkeypatch.setattr(evaluate, "_save_png", save)
+    lone = str(tmp_path / "lone")
+    evaluate.run(c, lone)
+    for i in range(3):
+        name = os.path.join("images", "base", f"{i:05d}.png")
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(os.path.join(workdir, name))),
+            np.asarray(Image.open(os.path.join(lone, name))),
+        )
+
+    # Other sampling settings in the same workdir are refused, naming the fields.
+    c.sample.num_steps = 3
+    c.seed = 5
+    with pytest.raises(runlock.SettingsMismatchError) as e:
+        evaluate.run(c, workdir)
+    assert e.value.fields == ["generation.num_steps", "generation.seed"]
+    assert "--overwrite" in str(e.value)
+    # Another model behind an existing name is refused; a new name is welcome.
+    c.sample.num_steps, c.seed = 2, 0
+    c.models = f"base={setup['run']}@1"
+    with pytest.raises(runlock.SettingsMismatchError, match="models.base.kind"):
+        evaluate.run(c, workdir)
+    # --overwrite starts afresh.
+    summary = evaluate.run(c, workdir, overwrite=True)
+    assert not np.array_equal(
+        np.asarray(Image.open(os.path.join(workdir, "images", "base", "00001.png"))),
+        np.asarray(Image.open(os.path.join(lone, "images", "base", "00001.png"))),
+    )
+    # A second evaluation of the same workdir while one runs is refused.
+    lock = os.path.join(workdir, ".lock")
+    with open(lock, "w") as f:
+        json.dump({"host": "node-3", "pid": 99, "since": 0, "command": "evaluate"}, f)
+    with pytest.raises(runlock.LockedError, match="in use by a run on another host: host node-3"):
+        evaluate.run(c, workdir)

@@ -15,12 +15,20 @@ the first (base) model. Models (``config.models``, comma-separated, the first is
 A missing ``name=`` takes the folder's base name. Workdir layout:
 
   prompts.json                     the prompt set (a restart with another set is refused)
+  settings.json                    what the images depend on: seed, sampler, steps, guidance,
+                                   size, dtype, and per model its path, iteration and a
+                                   fingerprint of its files (a restart with other values is
+                                   refused; new models may be added)
+  .lock                            one evaluation writes a workdir at a time
   images/<model>/<index:05d>.png   generated images (existing ones are kept)
   scores/<model>/<metric>.json     per-prompt scores, reused while the images are unchanged
   report.md  report.csv  report.json  scores.csv  grids/grid_<k>.png
 
-A killed run restarts with the same command and redoes only what is missing. Scorers whose
-weights are not configured or not found are skipped; the report says which and why.
+A killed run restarts with the same command and redoes only what is missing; ``overwrite``
+deletes the earlier outputs first. SIGTERM / SIGINT stop the run after the image batch (or the
+scoring batch) in flight: finished images and score files are kept and ``run`` returns
+``{"interrupted": True, "images_done": N, "images_total": M}``. Scorers whose weights are not
+configured or not found are skipped; the report says which and why.
 """
 
 from __future__ import annotations
@@ -32,13 +40,15 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+import shutil
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spin_jax import interrupt, runlock
 from spin_jax.eval import prompts as prompts_lib
 from spin_jax.eval import report as report_lib
 from spin_jax.eval import scorers as scorers_lib
@@ -110,7 +120,8 @@ def check_prompts(workdir: str, prompts: Sequence[prompts_lib.Prompt]) -> None:
         if saved != current:
             raise ValueError(
                 f"{workdir} holds an evaluation of another prompt set ({len(saved)} prompts, now "
-                f"{len(current)}); use another workdir or delete it"
+                f"{len(current)}); use another workdir, or rerun with --overwrite (deletes the "
+                "old outputs first)"
             )
         return
     write_json(path, current)
@@ -228,8 +239,12 @@ def generate_images(
     paths: Sequence[str],
     config: Any,
     cache: dict | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> int:
-    """Generates the images of ``paths`` that do not exist yet; returns how many."""
+    """Generates the images of ``paths`` that do not exist yet; returns how many.
+
+    ``stop()`` is asked before each batch: True ends the loop (finished images stay).
+    """
     missing = [i for i, p in enumerate(paths) if not os.path.isfile(p)]
     if not missing:
         return 0
@@ -240,7 +255,10 @@ def generate_images(
     s = config.sample
     key = jax.random.key(config.seed)
     bar = _progress(len(missing), f"generate {spec.name}", "img")
+    made = 0
     for start in range(0, len(missing), s.batch_size):
+        if stop is not None and stop():
+            break
         batch = missing[start : start + s.batch_size]
         ids = sd.tokenize([prompts[i] for i in batch])
         images = generate(
@@ -257,11 +275,12 @@ def generate_images(
         )
         for i, image in zip(batch, to_uint8(jax.device_get(images)), strict=True):
             _save_png(image, paths[i])
+        made += len(batch)
         bar.update(len(batch))
     bar.close()
     del sd, params
     gc.collect()
-    return len(missing)
+    return made
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,13 +319,21 @@ def load_scores(path: str, n: int, digest: str, source: str) -> np.ndarray | Non
 
 
 def score_images(
-    scorer: scorers_lib.Scorer, prompts: Sequence[str], paths: Sequence[str], desc: str
-) -> np.ndarray:
+    scorer: scorers_lib.Scorer,
+    prompts: Sequence[str],
+    paths: Sequence[str],
+    desc: str,
+    stop: Callable[[], bool] | None = None,
+) -> np.ndarray | None:
+    """Scores of every image; None if ``stop()`` said to stop before the last batch."""
     if len(prompts) != len(paths):
         raise ValueError(f"{desc}: {len(paths)} images for {len(prompts)} prompts")
     out = []
     bar = _progress(len(paths), desc, "img")
     for start in range(0, len(paths), scorer.batch_size):
+        if stop is not None and stop():
+            bar.close()
+            return None
         chunk = paths[start : start + scorer.batch_size]
         images = [read_image(p) for p in chunk]
         out.append(scorer(prompts[start : start + len(chunk)], images))
@@ -340,8 +367,76 @@ def metric_list(config: Any) -> list[str]:
 # The run.
 
 
-def run(config: Any, workdir: str) -> dict:
-    """Generates, scores and reports (module doc). Returns the report summary dict."""
+OUTPUTS = ("images", "scores", "grids", "prompts.json", runlock.SETTINGS_FILE, "report.md",
+           "report.csv", "report.json", "scores.csv")  # fmt: skip
+
+
+def remove_outputs(workdir: str) -> int:
+    """Deletes what an evaluation wrote into ``workdir`` (``OUTPUTS``); returns how many."""
+    removed = 0
+    for name in OUTPUTS:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+            removed += 1
+        elif os.path.exists(path):
+            os.remove(path)
+            removed += 1
+    return removed
+
+
+def model_settings(spec: ModelSpec, config: Any) -> dict:
+    """What the images of a generated model depend on: its files, named by a fingerprint."""
+    out: dict[str, Any] = {"kind": spec.kind, "path": os.path.abspath(spec.path)}
+    if spec.kind == "diffusers":
+        if os.path.isdir(spec.path):
+            out["fingerprint"] = runlock.folder_fingerprint(spec.path)
+    elif spec.kind == "run":
+        out["iteration"] = spec.iteration
+        folder = os.path.join(spec.path, f"iteration_{spec.iteration}")
+        ckpt = os.path.join(folder, "checkpoints")
+        if os.path.isdir(folder):
+            out["fingerprint"] = runlock.folder_fingerprint(ckpt if os.path.isdir(ckpt) else folder)
+        base = config.base_model or None
+        if base is None:
+            try:
+                base = _base_model_path(spec, config)
+            except (FileNotFoundError, ValueError):
+                base = None
+        if base and os.path.isdir(base):
+            out["base"] = {
+                "path": os.path.abspath(base),
+                "fingerprint": runlock.folder_fingerprint(base),
+            }
+    return out
+
+
+def settings_of(config: Any, specs: Sequence[ModelSpec]) -> dict:
+    s = config.sample
+    return {
+        "generation": {
+            "seed": int(config.seed),
+            "sampler": s.sampler,
+            "num_steps": int(s.num_steps),
+            "guidance_scale": float(s.guidance_scale),
+            "height": int(s.height),
+            "width": int(s.width),
+            "dtype": config.model.dtype,
+        },
+        "models": {sp.name: model_settings(sp, config) for sp in specs if sp.kind != "images"},
+    }
+
+
+def _has_images(workdir: str) -> bool:
+    folder = os.path.join(workdir, "images")
+    return os.path.isdir(folder) and any(
+        f.endswith(".png") for _, _, files in os.walk(folder) for f in files
+    )
+
+
+def run(config: Any, workdir: str, *, overwrite: bool = False) -> dict:
+    """Generates, scores and reports (module doc). Returns the report summary dict, or
+    ``{"interrupted": True, ...}`` when SIGTERM / SIGINT stopped it (module doc)."""
     if jax.process_count() > 1:
         raise ValueError("launch/evaluate.py runs as one process; start it on a single host")
     specs = parse_models(config.models)
@@ -349,10 +444,29 @@ def run(config: Any, workdir: str) -> dict:
     p = config.prompts
     styles = [s.strip() for s in str(p.styles or "").split(",") if s.strip()]
     prompt_set = prompts_lib.load_prompts(p.source, p.path, styles=styles, limit=p.limit)
+    with runlock.acquire(workdir, what="evaluation folder"):
+        if overwrite and remove_outputs(workdir):
+            log.info("--overwrite: removed the earlier outputs of %s", workdir)
+        check_prompts(workdir, prompt_set)
+        runlock.check_settings(
+            workdir, settings_of(config, specs), what="evaluation folder",
+            has_outputs=_has_images(workdir), extendable=("models",),
+        )  # fmt: skip
+        with interrupt.Guard() as guard:
+            return _run(config, workdir, specs, metrics, prompt_set, lambda: guard.requested)
+
+
+def _run(
+    config: Any,
+    workdir: str,
+    specs: Sequence[ModelSpec],
+    metrics: Sequence[str],
+    prompt_set: Sequence[prompts_lib.Prompt],
+    stop: Callable[[], bool],
+) -> dict:
+    p = config.prompts
     texts = [q.text for q in prompt_set]
     n = len(texts)
-    os.makedirs(workdir, exist_ok=True)
-    check_prompts(workdir, prompt_set)
     log.info("evaluating %d models on %d prompts (%s)", len(specs), n, p.source)
 
     # Check every scorer before the long generation, so a typo shows at once.
@@ -365,11 +479,19 @@ def run(config: Any, workdir: str) -> dict:
             log.warning("skipping %s: %s", m, reason)
 
     paths = {s.name: image_paths(workdir, s, n) for s in specs}
+    generated = [s for s in specs if s.kind != "images"]
+
+    def interrupted() -> dict:
+        done = sum(os.path.isfile(q) for s in generated for q in paths[s.name])
+        return {"interrupted": True, "images_done": done, "images_total": n * len(generated)}
+
     cache: dict = {}
-    for s in specs:
-        if s.kind != "images":
-            made = generate_images(s, texts, paths[s.name], config, cache)
-            log.info("%s: %d images generated, %d reused", s.name, made, n - made)
+    for s in generated:
+        before = sum(os.path.isfile(q) for q in paths[s.name])
+        made = generate_images(s, texts, paths[s.name], config, cache, stop=stop)
+        if stop():
+            return interrupted()
+        log.info("%s: %d images generated, %d reused", s.name, made, before)
     cache.clear()  # the scorers need the memory
     digests = {s.name: images_digest(paths[s.name]) for s in specs}
 
@@ -401,7 +523,9 @@ def run(config: Any, workdir: str) -> dict:
             log.warning("skipping %s: %s", m, e)
             continue
         for s in todo:
-            values = score_images(scorer, texts, paths[s.name], f"{m} {s.name}")
+            values = score_images(scorer, texts, paths[s.name], f"{m} {s.name}", stop=stop)
+            if values is None:
+                return interrupted()
             out = _score_file(workdir, s.name, m)
             os.makedirs(os.path.dirname(out), exist_ok=True)
             write_json(
