@@ -299,3 +299,87 @@ def test_generation_work(tmp_path):
     assert list(indices) == [8, 9] and prompts == ["prompt 8", "prompt 9"]
     with pytest.raises(ValueError, match="for 10 examples, the source has 3"):
         next(generation_work(store, make_folder(str(tmp_path / "g"), 3)))
+
+
+def test_skipped_jsonl_lists_records_and_is_printed(tmp_path, capsys):
+    src = make_folder(str(tmp_path / "f"), 7, bad={1, 5})
+    os.remove(os.path.join(src.path, "006.png"))
+    cache = open_latent_cache(
+        str(tmp_path / "c"), src, resolution=RES, vae_fingerprint="v", shard_size=3
+    )
+    counts = cache.build(src, CountingEncoder(), batch_size=4)
+    assert counts["corrupt_image"] == 2 and counts["missing_file"] == 1
+    lines = (tmp_path / "c" / os.path.basename(cache.dir) / "skipped.jsonl").read_text()
+    records = [json.loads(line) for line in lines.splitlines()]
+    assert [(r["index"], os.path.basename(r["file"]), r["reason"]) for r in records] == [
+        (1, "001.png", "corrupt_image"),
+        (5, "005.png", "corrupt_image"),
+        (6, "006.png", "missing_file"),
+    ]
+    assert all(r["detail"] for r in records)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert printed[0].startswith("latent cache: 3 records skipped")
+    assert cache.skipped_path in printed[0]
+    assert "#1 " in printed[1] and "001.png: corrupt_image" in printed[1]
+    assert len(printed) <= 5
+
+
+def test_print_skipped_at_most_five_lines(tmp_path, capsys):
+    src = make_folder(str(tmp_path / "f"), 9, bad=set(range(8)))
+    cache = open_latent_cache(str(tmp_path / "c"), src, resolution=RES, vae_fingerprint="v")
+    cache.build(src, CountingEncoder(), batch_size=4)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(printed) == 5 and "8 records skipped (corrupt_image: 8)" in printed[0]
+    assert len(open(cache.skipped_path).read().splitlines()) == 8
+
+
+def test_empty_captions_skip_or_unconditional(tmp_path):
+    src = make_folder(str(tmp_path / "f"), 4)
+    lines = open(src.metadata_path).read().splitlines()
+    rows = [json.loads(line) for line in lines]
+    rows[1]["text"] = ""
+    rows[2]["text"] = None
+    with open(src.metadata_path, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows))
+    src = ImageFolderSource(src.path)
+    cache = open_latent_cache(str(tmp_path / "c"), src, resolution=RES, vae_fingerprint="v")
+    cache.build(src, CountingEncoder(), batch_size=4, progress=False)
+    assert cache.summary() == {"ok": 2, "empty_caption": 2}  # the documented default
+    assert [cache.status(i) for i in range(4)] == [None, "empty_caption", "empty_caption", None]
+    records = [json.loads(line) for line in open(cache.skipped_path)]
+    assert [(r["index"], r["reason"]) for r in records] == [
+        (1, "empty_caption"),
+        (2, "empty_caption"),
+    ]
+    kept = open_latent_cache(
+        str(tmp_path / "c"), src, resolution=RES, vae_fingerprint="v", empty_caption="unconditional"
+    )
+    assert kept.dir == cache.dir and kept.is_complete()  # no rebuild for this setting
+    assert kept.summary() == {"ok": 4, "empty_caption_unconditional": 2}
+    assert [kept.status(i) for i in range(4)] == [None] * 4
+    with pytest.raises(ValueError, match="empty_caption='drop'"):
+        open_latent_cache(
+            str(tmp_path / "c"), src, resolution=RES, vae_fingerprint="v", empty_caption="drop"
+        )
+
+
+def test_build_stops_between_shards(tmp_path):
+    src = make_folder(str(tmp_path / "f"), 7)
+    cache = open_latent_cache(
+        str(tmp_path / "c"), src, resolution=RES, vae_fingerprint="v", shard_size=2
+    )
+    counts = cache.build(src, CountingEncoder(), batch_size=2, progress=False, stop=lambda: True)
+    assert counts["interrupted"] == 1 and counts["shards_built"] == 1
+    assert cache.missing_shards() == [1, 2, 3] and not os.path.exists(cache.skipped_path)
+    counts = cache.build(src, CountingEncoder(), batch_size=2, progress=False)
+    assert "interrupted" not in counts and cache.is_complete()
+
+
+def test_latin1_metadata_names_file_and_line(tmp_path):
+    src = make_folder(str(tmp_path / "f"), 3)
+    raw = open(src.metadata_path, "rb").read().splitlines()
+    raw[2] = raw[2].replace(b"prompt 2", "café".encode("latin-1"))
+    open(src.metadata_path, "wb").write(b"\n".join(raw))
+    with pytest.raises(ValueError) as e:
+        ImageFolderSource(src.path)
+    assert str(e.value).startswith(f"{src.metadata_path}:3: not valid UTF-8 (byte 0xe9")

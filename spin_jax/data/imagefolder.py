@@ -2,9 +2,11 @@
 
 Each non-blank line of `metadata.jsonl` is `{"file_name": "0001.png", "text": "a caption"}`
 (`file_name` relative to the folder; other keys are ignored). The order of the lines is the
-record order. The metadata is checked when the source is opened (a bad line is an error naming
-the file, line and field); a missing or unreadable image file is found when it is read and the
-record is skipped and counted by the pipeline.
+record order. The metadata is checked when the source is opened (a bad line, a byte that is not
+UTF-8 included, is an error naming the file, line and field); a missing or unreadable image file
+is found when it is read and the record is skipped and counted by the latent cache. An empty or
+null caption is kept as "" here; the latent cache skips and counts it, or keeps it as an
+unconditional example (its ``empty_caption`` argument).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 from typing import Any
 
+from spin_jax.cli import decode_lines
 from spin_jax.data.sources import Source, hash_json
 
 METADATA_FILE = "metadata.jsonl"
@@ -41,7 +44,9 @@ class ImageFolderSource(Source):
         self._metadata_sha = hashlib.sha256(raw).hexdigest()
         self._files: list[str] = []
         self._texts: list[str] = []
-        for lineno, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+        if raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # a UTF-8 byte order mark (the hash above covers the file as it is)
+        for lineno, line in enumerate(decode_lines(raw, self.metadata_path), start=1):
             if not line.strip():
                 continue
             try:
@@ -59,7 +64,7 @@ class ImageFolderSource(Source):
                 raise ValueError(f"{self.metadata_path}:{lineno}: field {caption_field!r} missing")
             text = row[caption_field]
             if text is None:
-                text = ""  # an empty caption: skipped and counted by the pipeline
+                text = ""  # an empty caption: see the module doc
             if not isinstance(text, str):
                 raise ValueError(
                     f"{self.metadata_path}:{lineno}: field {caption_field!r} is "

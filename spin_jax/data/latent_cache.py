@@ -17,6 +17,17 @@ Moments are stored unscaled (what the VAE encoder returns), float16 by default: 
 latents span about +-40 with a posterior std near 1e-3..1e-1, float16 keeps 3 significant
 digits, far below the diffusion noise added on top. Images are always center-cropped (a random
 crop cannot be cached). Records that fail to decode are stored as zeros with their skip reason.
+
+Skipped records are listed, not only counted: each shard writes `{k:05d}.skipped.jsonl` (before
+its status file) and a complete cache has `skipped.jsonl`, one line per skipped record
+`{"index": i, "file": path or null, "reason": ..., "detail": ...}` in index order, of which the
+first few are printed when the cache is built (`print_skipped`).
+
+Empty captions (`empty_caption`, an argument of `open_latent_cache`, default "skip"): a record
+whose caption is empty or blank is skipped and counted as `empty_caption` ("skip", what the
+imagefolder documentation promises), or trained as an unconditional example
+("unconditional", counted as `empty_caption_unconditional` in `summary()`). Its image is
+encoded either way, so the setting is not part of the key: changing it needs no rebuild.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import collections
 import concurrent.futures
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -36,6 +48,8 @@ from spin_jax.files import LruCache, write_json, write_npy
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+SKIPPED = "skipped.jsonl"
+EMPTY_CAPTION = ("skip", "unconditional")
 
 
 def params_fingerprint(params: Any) -> str:
@@ -110,7 +124,22 @@ def cache_key(
 class LatentCache:
     """A keyed folder of VAE moments; build() fills it, read()/moments() serve the pipeline."""
 
-    def __init__(self, root: str, key: Mapping[str, Any], *, shard_size: int = 256):
+    def __init__(
+        self,
+        root: str,
+        key: Mapping[str, Any],
+        *,
+        shard_size: int = 256,
+        source: Source | None = None,
+        empty_caption: str = "skip",
+    ):
+        if empty_caption not in EMPTY_CAPTION:
+            raise ValueError(
+                f"empty_caption={empty_caption!r}; expected one of {list(EMPTY_CAPTION)}"
+            )
+        self.source = source  # its captions decide empty_caption (None: no caption is empty)
+        self.empty_caption = empty_caption
+        self._empty: np.ndarray | None = None
         self.key = json.loads(json.dumps(dict(key), sort_keys=True))
         self.dir = os.path.join(os.path.abspath(root), hash_json(self.key))
         self.num_records = int(self.key["num_records"])
@@ -149,6 +178,30 @@ class LatentCache:
     def _path(self, shard: int, name: str) -> str:
         return os.path.join(self.dir, f"{shard:05d}.{name}.npy")
 
+    def _skipped_path(self, shard: int) -> str:
+        return os.path.join(self.dir, f"{shard:05d}.skipped.jsonl")
+
+    @property
+    def skipped_path(self) -> str:
+        """`skipped.jsonl` of the cache (written when the cache is complete)."""
+        return os.path.join(self.dir, SKIPPED)
+
+    def empty_captions(self) -> np.ndarray:
+        """Indices of the records whose caption is empty or blank (sorted)."""
+        if self._empty is None:
+            if self.source is None:
+                self._empty = np.zeros((0,), np.int64)
+            else:
+                self._empty = np.array(
+                    [
+                        i
+                        for i in range(len(self.source))
+                        if not str(self.source.meta(i).get("text") or "").strip()
+                    ],
+                    np.int64,
+                )
+        return self._empty
+
     def shard_indices(self, shard: int) -> np.ndarray:
         return np.arange(
             shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_records)
@@ -179,11 +232,16 @@ class LatentCache:
         process_index: int = 0,
         process_count: int = 1,
         progress: bool = True,
+        stop: Callable[[], bool] | None = None,
     ) -> dict[str, int]:
         """Encodes the unfinished shards of this process; returns counts of this call.
 
         encode_fn(images float32 NHWC [-1, 1], batch_size fixed) -> (mean, logvar) NHWC. The last
         batch of a shard is padded by repeating an image, so a jitted encode compiles once.
+        ``stop()`` (e.g. ``lambda: guard.requested`` of spin_jax.interrupt.Guard) is asked after
+        each finished shard: True ends the build there (``"interrupted": 1`` in the counts;
+        finished shards are kept). When the cache is complete, `skipped.jsonl` is written and,
+        with ``progress``, its first records are printed.
         """
         if len(source) != self.num_records or list(source.image_fields) != list(self.fields):
             raise ValueError(
@@ -213,21 +271,70 @@ class LatentCache:
                 if current is not None and k != current:
                     self._write_shard(current, records, encode_fn, batch_size, counts)
                     records = []
+                    if stop is not None and stop():
+                        counts["interrupted"] = 1
+                        current = None
+                        break
                 current = k
                 records.append(record)
                 if bar is not None:
                     bar.update(1)
             if current is not None:
                 self._write_shard(current, records, encode_fn, batch_size, counts)
+            if counts["interrupted"]:
+                pool.shutdown(wait=True, cancel_futures=True)
+            else:
+                counts.pop("interrupted", None)
         if bar is not None:
             bar.close()
+        if not counts.get("interrupted") and self.is_complete():
+            skipped = self.write_skipped(source)
+            if progress and shards:
+                print_skipped(self, skipped)
         return dict(counts)
 
+    def skipped_records(self, source: Source | None = None) -> list[dict[str, Any]]:
+        """Every skipped record of the finished shards (and the empty captions, under
+        ``empty_caption="skip"``), in index order: {"index", "file", "reason", "detail"}."""
+        out = []
+        for k in range(self.num_shards):
+            path = self._skipped_path(k)
+            if self.shard_done(k) and os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    out.extend(json.loads(line) for line in f if line.strip())
+        if self.empty_caption == "skip":
+            known = {r["index"] for r in out}
+            source = source if source is not None else self.source
+            for i in self.empty_captions():
+                if int(i) not in known:
+                    out.append(
+                        {
+                            "index": int(i),
+                            "file": _file_of(source, int(i)),
+                            "reason": "empty_caption",
+                            "detail": "the caption is empty",
+                        }
+                    )
+        return sorted(out, key=lambda r: r["index"])
+
+    def write_skipped(self, source: Source | None = None) -> list[dict[str, Any]]:
+        """Writes `skipped.jsonl` (see `skipped_records`); returns its records."""
+        import uuid
+
+        records = self.skipped_records(source)
+        tmp = f"{self.skipped_path}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        os.replace(tmp, self.skipped_path)
+        return records
+
     def _load(self, source: Source, index: int) -> tuple[int, dict[str, np.ndarray] | None]:
-        """(status code, {field: uint8 [V, res, res, 3]} or None)."""
+        """(status code, {field: uint8 [V, res, res, 3]} or a skip record)."""
         record = source[index]
         if "error" in record:
-            return 1 + transforms.SKIP_REASONS.index(record["error"]), None
+            return 1 + transforms.SKIP_REASONS.index(record["error"]), _skip_record(
+                source, index, record["error"], record.get("detail", "")
+            )
         images = {}
         for field in self.fields:
             try:
@@ -239,7 +346,10 @@ class LatentCache:
                     draft=self.key["draft"],
                 )
             except transforms.ImageError as e:
-                return 1 + transforms.SKIP_REASONS.index(e.reason), None
+                detail = e.detail if field == "image" else f"{field}: {e.detail}"
+                return 1 + transforms.SKIP_REASONS.index(e.reason), _skip_record(
+                    source, index, e.reason, detail
+                )
             images[field] = (
                 np.stack([arr, transforms.hflip(arr)]) if self.versions == 2 else arr[None]
             )
@@ -267,6 +377,13 @@ class LatentCache:
                 out_mean[ok], out_logvar[ok] = mean, logvar
             write_npy(self._path(shard, f"{field}.mean"), out_mean)
             write_npy(self._path(shard, f"{field}.logvar"), out_logvar)
+        skipped = [info for code, info in records if code != 0]
+        path = self._skipped_path(shard)
+        if skipped or os.path.exists(path):
+            tmp = f"{path}.tmp.{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in skipped)
+            os.replace(tmp, path)
         write_npy(self._path(shard, "status"), status)  # last: marks the shard done
         counts["shards_built"] += 1
         counts["records"] += n
@@ -297,11 +414,18 @@ class LatentCache:
         return arrays
 
     def status(self, index: int) -> str | None:
-        """None if the record was encoded, else its skip reason."""
+        """None if the record is usable, else its skip reason (``empty_caption`` included)."""
         code = int(
             self._arrays(int(index) // self.shard_size)["status"][int(index) % self.shard_size]
         )
-        return None if code == 0 else transforms.SKIP_REASONS[code - 1]
+        if code:
+            return transforms.SKIP_REASONS[code - 1]
+        if self.empty_caption == "skip" and len(self.empty_captions()):
+            empty = self.empty_captions()
+            pos = int(np.searchsorted(empty, int(index)))
+            if pos < len(empty) and empty[pos] == int(index):
+                return "empty_caption"
+        return None
 
     def moments(self, index: int, field: str = "image") -> tuple[np.ndarray, np.ndarray]:
         """(mean, logvar), each [V, h, w, c] in the stored dtype."""
@@ -317,15 +441,24 @@ class LatentCache:
         return np.stack([m for m, _ in pairs]), np.stack([lv for _, lv in pairs])
 
     def summary(self) -> dict[str, int]:
-        """Counts over the finished shards: ok and each skip reason."""
+        """Counts over the finished shards: ok and each skip reason (``empty_caption`` for
+        empty captions skipped; ``empty_caption_unconditional`` for those kept, also in ok)."""
         counts = collections.Counter()
+        empty = self.empty_captions()
         for k in range(self.num_shards):
             if self.shard_done(k):
-                for code, c in zip(
-                    *np.unique(np.load(self._path(k, "status")), return_counts=True), strict=True
-                ):
+                status = np.load(self._path(k, "status"))
+                for code, c in zip(*np.unique(status, return_counts=True), strict=True):
                     counts["ok" if code == 0 else transforms.SKIP_REASONS[code - 1]] += int(c)
-        return dict(counts)
+                idx = self.shard_indices(k)
+                mine = empty[(empty >= idx[0]) & (empty <= idx[-1])] if len(idx) else empty[:0]
+                n_empty = int(np.sum(status[mine - idx[0]] == 0)) if len(mine) else 0
+                if n_empty and self.empty_caption == "skip":
+                    counts["ok"] -= n_empty
+                    counts["empty_caption"] += n_empty
+                elif n_empty:
+                    counts["empty_caption_unconditional"] += n_empty
+        return {k: v for k, v in counts.items() if v or k == "ok"}
 
 
 def open_latent_cache(
@@ -340,8 +473,13 @@ def open_latent_cache(
     min_size: int | None = None,
     dtype: str = "float16",
     shard_size: int = 256,
+    empty_caption: str = "skip",
 ) -> LatentCache:
-    """The cache for these settings under `root` (created empty if new)."""
+    """The cache for these settings under `root` (created empty if new).
+
+    ``empty_caption``: "skip" (default: records with an empty caption are skipped and counted)
+    or "unconditional" (they are trained as unconditional examples); see the module doc.
+    """
     key = cache_key(
         source,
         resolution=resolution,
@@ -352,7 +490,53 @@ def open_latent_cache(
         min_size=min_size,
         dtype=dtype,
     )
-    return LatentCache(root, key, shard_size=shard_size)
+    cache = LatentCache(
+        root, key, shard_size=shard_size, source=source, empty_caption=empty_caption
+    )
+    if cache.is_complete() and not os.path.isfile(cache.skipped_path):
+        try:
+            cache.write_skipped(source)
+        except OSError:
+            pass  # a read-only cache stays usable; the report is a convenience
+    return cache
+
+
+def _file_of(source: Source | None, index: int) -> str | None:
+    file_path = getattr(source, "file_path", None)
+    if file_path is None:
+        return None
+    try:
+        return str(file_path(index))
+    except Exception:  # noqa: BLE001 - the report must not fail the build
+        return None
+
+
+def _skip_record(source: Source, index: int, reason: str, detail: str) -> dict[str, Any]:
+    return {
+        "index": int(index),
+        "file": _file_of(source, index),
+        "reason": reason,
+        "detail": str(detail),
+    }
+
+
+def print_skipped(cache: LatentCache, records: list[dict[str, Any]], limit: int = 4) -> None:
+    """One line naming `skipped.jsonl` and the counts, then the first ``limit`` records
+    (at most 5 lines in all)."""
+    if not records:
+        return
+    counts = collections.Counter(r["reason"] for r in records)
+    what = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    print(
+        f"latent cache: {len(records)} records skipped ({what}); all listed in "
+        f"{cache.skipped_path}",
+        file=sys.stdout,
+        flush=True,
+    )
+    for r in records[:limit]:
+        where = r["file"] or f"record {r['index']}"
+        detail = f" ({r['detail']})" if r.get("detail") else ""
+        print(f"  #{r['index']} {where}: {r['reason']}{detail}"[:300], flush=True)
 
 
 def _encode_padded(
