@@ -20,6 +20,8 @@ are those of the published files after `launch/convert_scorer.py`:
   bert-base-uncased/                     vocab.txt (ImageReward's tokenizer)
 
 A scorer whose files are missing is skipped and the report says so; the others still run.
+The workdir records the sampling settings and each model's files (settings.json): a restart with
+other values is refused; `launch/evaluate.py --overwrite` deletes the earlier outputs first.
 """
 
 import ml_collections

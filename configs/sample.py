@@ -9,7 +9,10 @@ Prompts: a text file with one prompt per line (blank lines skipped), or JSON lin
 <out_dir>/<i:06d>.png, drawn from noise fold_in(key(seed), i): the same seed gives the same image
 for the same prompt index whatever the batch size or device count. <out_dir>/metadata.jsonl
 lists the images with their prompts (an imagefolder dataset). Rerunning the command continues a
-partially written folder.
+partially written folder; <out_dir>/settings.json records the prompts (a hash), seed, sampler,
+steps, guidance, negative prompt, size, dtype and the model folder's fingerprint, and a rerun
+with other values is refused (another out_dir, or `--overwrite` to delete the old outputs).
+SIGTERM / Ctrl-C: the batch in flight is finished, then exit status 75; rerun to resume.
 
 Presets: `configs/sample.py:gpu` uses bfloat16 and cuDNN attention.
 """
