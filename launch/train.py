@@ -4,17 +4,24 @@ baseline (SFT, Diffusion-DPO, Diffusion-KTO).
   python launch/train.py --config=configs/spin.py --workdir=runs/spin \
       --config.model.path=/data/sd15 --config.data.path=/data/pickapic_v2
 
-Restarting the same command resumes the run. On several hosts, start one process per host
-(jax.distributed is initialised from SLURM / Open MPI or JAX_COORDINATOR_ADDRESS,
-JAX_NUM_PROCESSES, JAX_PROCESS_ID); see launch/slurm.sh. A config with ``toy_eval.enabled``
-(the demo presets) ends with the toy world's judge table.
+Restarting the same command resumes the run. SIGTERM (a preemption) or Ctrl-C: the step in
+flight finishes, a checkpoint of it is written, and the run exits with status 75
+(spin_jax.interrupt.EXIT_INTERRUPTED); a second Ctrl-C stops at once. One run per workdir: a
+second one is refused while the first holds ``<workdir>/.lock``. On several hosts, start one
+process per host (jax.distributed is initialised from SLURM / Open MPI or
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); see launch/slurm.sh. A config with
+``toy_eval.enabled`` (the demo presets) ends with the toy world's judge table.
 """
 
 import sys
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from spin_jax import cli
+
+cli.quiet_start()  # before jax / transformers are imported
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:preset]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, samples, metrics).")
@@ -28,13 +35,17 @@ def main(argv):
     parallel.init_distributed()  # before any other JAX call
     import jax
 
+    from spin_jax import interrupt, runlock
     from spin_jax.train import checkpoints, loop
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it touches at INFO
     config = _CONFIG.value
     try:
-        loop.run(config, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, loop.NonFiniteLossError,
+        with interrupt.Guard() as guard:
+            loop.run(config, _WORKDIR.value, guard)
+    except loop.Interrupted as e:
+        interrupt.exit_interrupted(f"interrupted {e}; rerun the same command to resume")
+    except (ValueError, FileNotFoundError, runlock.LockedError, loop.NonFiniteLossError,
             checkpoints.CheckpointWriteError) as e:  # fmt: skip
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -45,4 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -338,3 +338,68 @@ def test_unreadable_checkpoint_is_moved_aside_and_the_previous_one_used(model_di
     assert summary["steps"] == 3
     for x, y in zip(want, _unet_leaves(workdir, 1, model_dir), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_second_trainer_on_a_workdir_is_refused(model_dir, folder, tmp_path):
+    from spin_jax import runlock
+
+    workdir = str(tmp_path / "run")
+    c = tiny_config("sft", model_dir, folder)
+    # Another live process of this host holds the workdir (a trainer that is running).
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from spin_jax import runlock; "
+         f"runlock.acquire({workdir!r}); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(runlock.LockedError, match=f"pid {holder.pid}"):
+            loop.run(c, workdir)
+        assert not os.path.exists(os.path.join(workdir, "config.json"))  # nothing was touched
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without releasing: its stale lock is taken over and the run goes ahead.
+    (summary,) = loop.run(c, workdir)
+    assert summary["steps"] == 3
+
+
+def test_sigterm_and_sigint_write_a_checkpoint_and_resume(model_dir, folder, tmp_path):
+    """SIGTERM, then Ctrl-C on the rerun: each time the step in flight ends with a checkpoint,
+    one line says where, the exit status is 75; the last rerun ends as an uninterrupted run."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")  # fmt: skip
+    extra = [
+        "--config.iterations=1",
+        "--config.train.steps=12",
+        "--config.checkpoint.every_steps=100",
+    ]
+    full, run = str(tmp_path / "full"), str(tmp_path / "run")
+    cmd = lambda w: _train_cmd(w, model_dir, folder, extra)  # noqa: E731
+    subprocess.run(cmd(full), cwd=ROOT, env=env, check=True, capture_output=True)
+    metrics = os.path.join(run, "metrics.jsonl")
+    last = 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc = subprocess.Popen(cmd(run), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            rows = _read_jsonl(metrics) if os.path.isfile(metrics) else []
+            if any(r.get("step", 0) > last + 1 for r in rows if "train/loss" in r):
+                break
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 75, err[-3000:]
+        line = [x for x in err.splitlines() if x.startswith("interrupted")]
+        assert line and "checkpoint written; rerun the same command to resume" in line[0], err
+        step = int(line[0].split("step ")[1].split(";")[0])
+        assert step > last and os.path.isdir(
+            os.path.join(run, "iteration_1", "checkpoints", str(step))
+        )
+        assert "Traceback" not in err
+        last = step
+    subprocess.run(cmd(run), cwd=ROOT, env=env, check=True, capture_output=True)
+    assert [r["step"] for r in _read_jsonl(metrics) if "train/loss" in r] == list(range(1, 13))
+    for x, y in zip(_unet_leaves(full, 1, model_dir), _unet_leaves(run, 1, model_dir), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

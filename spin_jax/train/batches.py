@@ -47,6 +47,10 @@ class Head(data_sources.Source):
         return self.source.summary()
 
 
+class Interrupted(Exception):
+    """A stop was requested (SIGTERM / SIGINT); the message says where the run stopped."""
+
+
 @dataclasses.dataclass
 class Data:
     source: data_sources.Source
@@ -58,7 +62,10 @@ class Data:
 
 
 def open_data(config: ml_collections.ConfigDict, objective: Objective, workdir: str,
-              sd: Any, barrier: Callable[[str], None]) -> Data:  # fmt: skip
+              sd: Any, barrier: Callable[[str], None],
+              stop: Callable[[], bool] | None = None) -> Data:  # fmt: skip
+    """``stop()``: checked between cache shards; when it turns True the build ends early
+    (finished shards kept) and ``Interrupted`` is raised."""
     c = config
     source = data_sources.open_source(c.data.source, c.data.path, view=objective.view,
                                       split=c.data.split)  # fmt: skip
@@ -73,6 +80,7 @@ def open_data(config: ml_collections.ConfigDict, objective: Objective, workdir: 
         vae_fingerprint=params_fingerprint(sd.params["vae"]),
         flip=c.data.random_flip,
         resize_filter=c.data.resize_filter,
+        empty_caption=c.data.empty_caption,
     )
     if not cache.is_complete():
         encode = jax.jit(sd.vae_encode)
@@ -84,7 +92,10 @@ def open_data(config: ml_collections.ConfigDict, objective: Objective, workdir: 
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             progress=jax.process_index() == 0,
+            stop=stop,
         )
+        if stop is not None and stop():
+            raise Interrupted("while building the latent cache; its finished shards are kept")
         barrier("latent_cache")
     pool = np.flatnonzero([cache.status(i) is None for i in range(len(source))])
     summary = {"examples": len(source), "usable": len(pool), **cache.summary(),

@@ -36,6 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.resize_filter = "bicubic"
     c.data.random_flip = True
     c.data.caption_dropout = 0.0  # Diffusion-DPO uses 0.2; SPIN-Diffusion is silent (choice)
+    # A record with an empty caption: "skip" (counted) or "unconditional" (trained with "").
+    c.data.empty_caption = "skip"
     c.data.max_examples = 0  # 0: all
     c.data.kto_desirable_ratio = 0.0  # KTO: fraction of desirable images per batch (0: as data)
     c.data.cache_dir = ""  # latent cache; "" -> <workdir>/latent_cache
@@ -113,6 +115,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.objective not in objectives.OBJECTIVES:
         fail("objective", f"must be one of {sorted(objectives.OBJECTIVES)}")
     row = objectives.OBJECTIVES[c.objective]
+    if c.data.empty_caption not in ("skip", "unconditional"):
+        fail("data.empty_caption", "must be 'skip' or 'unconditional'")
     if c.data.source not in SOURCES:
         fail("data.source", f"must be one of {SOURCES}")
     if c.model.dtype not in DTYPES:

@@ -32,12 +32,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from spin_jax import parallel
+from spin_jax import parallel, runlock
 from spin_jax.data.latent_cache import sample_latents
 from spin_jax.files import write_json
 from spin_jax.train import batches, checkpoints, objectives, rollout
 from spin_jax.train import config as config_lib
 from spin_jax.train import metrics as metrics_lib
+from spin_jax.train.batches import Interrupted  # noqa: F401  (re-exported)
 from spin_jax.train.checkpoints import CheckpointWriteError  # noqa: F401  (re-exported)
 from spin_jax.train.optim import make_optimizer
 from spin_jax.train.state import TrainState, state_sharding
@@ -86,7 +87,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
             )
         if diff and metrics_lib.is_main():
             for name in os.listdir(workdir):
-                if name != "latent_cache":  # keyed by its settings: safe to keep
+                if name not in ("latent_cache", runlock.LOCK_FILE):  # the cache is keyed: keep it
                     p = os.path.join(workdir, name)
                     shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
     if metrics_lib.is_main():
@@ -156,13 +157,33 @@ def _round_means(path: str, first: int, last: int) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in sums.items()}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+def _stop_requested(guard: Any) -> bool:
+    """Whether to stop now: this process's signal, agreed on by every process (a signal that
+    reached one host stops them all at the same step)."""
+    flag = bool(guard is not None and guard.requested)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+    return flag
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, guard: Any = None) -> list[dict[str, Any]]:
     """Runs (or resumes) the training job of ``config`` in ``workdir``; returns the rounds'
-    summaries."""
+    summaries. Takes the workdir's lock (process 0) for the whole run.
+
+    ``guard`` (an ``interrupt.Guard``): when it reports a SIGTERM / SIGINT the run writes a
+    checkpoint of the step it is at (or keeps the finished rollout / cache shards) and raises
+    ``Interrupted`` saying where it stopped; the same command resumes."""
+    config_lib.validate(config)
+    with runlock.acquire(workdir, what="workdir", enabled=metrics_lib.is_main()):
+        return _run(config, workdir, guard)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any) -> list[dict[str, Any]]:
     from spin_jax.models import load_pretrained
 
     c = config
-    config_lib.validate(c)
     objective = objectives.get(c.objective)
     mesh = parallel.make_mesh(c.mesh.data, c.mesh.fsdp)
     accum, accum_why = config_lib.accumulation(c, parallel.data_parallel_size(mesh))
@@ -177,7 +198,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[c.model.dtype]
     sd = load_pretrained(c.model.path, dtype, attention_impl=c.model.attention_impl or None,
                          remat=c.model.remat, allow_pickle=c.model.allow_pickle)  # fmt: skip
-    data = batches.open_data(c, objective, workdir, sd, barrier)
+    stop = (lambda: _stop_requested(guard)) if guard is not None else None
+    data = batches.open_data(c, objective, workdir, sd, barrier, stop)
     writer = metrics_lib.MetricWriter(workdir)
     _report(c, objective, mesh, data, accum_why)
 
@@ -222,7 +244,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
                 objective.rollout, config=c, sd=sd, reference=refs.get(ref_round),
                 reference_name=_ref_name(ref_round), round_=k,
                 round_dir=checkpoints.round_dir(workdir, k), source=data.source,
-                captions=data.captions, rows=rows, barrier=barrier,
+                captions=data.captions, rows=rows, barrier=barrier, stop=stop,
             )  # fmt: skip
             if ro.images:
                 writer.write((k - 1) * steps, {"rollout/images_per_s": ro.images / max(ro.seconds, 1e-9),
@@ -233,7 +255,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         ref = placed_ref.get(ref_round)
         beta = config_lib.beta_for_iteration(c, k - 1)
         state, last, t_train = _train_round(c, workdir, objective, data, sd, mesh, writer, step_jit,
-                                            state, ref, text, ro, k, start, beta, ref_round)  # fmt: skip
+                                            state, ref, text, ro, k, start, beta, ref_round,
+                                            stop)  # fmt: skip
         summary = _finish_round(c, objective, sd, workdir, writer, state, k, ref_round, beta,
                                 last, t_rollout, t_train)  # fmt: skip
         summaries.append(summary)
@@ -250,7 +273,7 @@ def _ref_name(ref_round: int | None) -> str:
 
 
 def _train_round(c, workdir, objective, data, sd, mesh, writer, step_jit, state, ref, text, ro,
-                 k, start, beta, ref_round):  # fmt: skip
+                 k, start, beta, ref_round, stop=None):  # fmt: skip
     steps = int(c.train.steps)
     n_rounds = int(c.iterations)
     end_saved = k % max(1, int(c.checkpoint.every_rounds)) == 0 or k == n_rounds
@@ -290,11 +313,23 @@ def _train_round(c, workdir, objective, data, sd, mesh, writer, step_jit, state,
             last = {m: float(v) for m, v in metrics.items() if np.ndim(v) == 0}
             bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
         bar.update(1)
-        if done % c.checkpoint.every_steps == 0 and done < steps or done == steps and end_saved:
+        halt = done < steps and stop is not None and stop()
+        if (
+            done % c.checkpoint.every_steps == 0
+            and done < steps
+            or done == steps
+            and end_saved
+            or halt
+        ):
             meta = {"iteration": k, "step": done, "global_step": offset + done, "beta": beta,
                     "objective": objective.name, "reference": _ref_name(ref_round),
                     "metrics": last}  # fmt: skip
             checkpoints.save(mgr, done, state, meta)
+        if halt:
+            mgr.wait_until_finished()
+            mgr.close()
+            bar.close()
+            raise Interrupted(f"at iteration {k} step {done}; checkpoint written")
     bar.close()
     mgr.wait_until_finished()
     mgr.close()

@@ -29,6 +29,7 @@ from spin_jax.data import sources as data_sources
 from spin_jax.data.latent_cache import params_fingerprint, sample_latents
 from spin_jax.data.synthetic_store import SyntheticStore, generation_work
 from spin_jax.train import metrics as metrics_lib
+from spin_jax.train.batches import Interrupted
 
 
 @dataclasses.dataclass
@@ -101,6 +102,7 @@ def roll_out(
     captions: list[str],
     rows: np.ndarray | None,
     barrier: Callable[[str], None],
+    stop: Callable[[], bool] | None = None,
 ) -> Rollout | None:
     """Samples of round ``round_`` by the ``reference`` UNet (params this process holds whole):
     of every example (``dataset``) or of ``rows`` (``round_prompts``)."""
@@ -142,6 +144,11 @@ def roll_out(
         bar = metrics_lib.progress(total, f"round {round_}: roll out", "img")
         per_call = max(c.sample.batch_size // jax.process_count(), 1)
         for shard, indices, texts in work:
+            if stop is not None and stop():
+                bar.close()
+                raise Interrupted(
+                    f"during the rollout of iteration {round_}; finished shards are kept"
+                )
             chunks = []
             for start in range(0, len(indices), per_call):
                 ids = sd.tokenize(texts[start : start + per_call])
