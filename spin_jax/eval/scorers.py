@@ -63,8 +63,9 @@ from spin_jax.eval.blip import (
     imagereward_param_shapes,
     text_config_from_dict,
 )
-from spin_jax.eval.weights import read_json, read_tensors
+from spin_jax.eval.weights import read_json, weight_files
 from spin_jax.models import clip, convert
+from spin_jax.models import weights as model_weights
 
 METRICS = ("pickscore", "hpsv2", "imagereward", "aesthetic")
 DISPLAY = {
@@ -79,6 +80,12 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 Params = dict[str, Any]
 TextInputs = dict[str, np.ndarray]
+
+
+def _read_weights(path: str) -> dict[str, np.ndarray]:
+    """Every tensor at ``path`` as lazy views of the memory-mapped files in their stored dtypes;
+    ``convert.torch_to_flax`` casts and lays them out in one copy (no per-tensor dispatch)."""
+    return model_weights.read_tensors(weight_files(path), dtype=None)
 
 
 def _normalize(x: jax.Array) -> jax.Array:
@@ -239,7 +246,7 @@ def load_pickscore(
         source=config_path,
     )
     params = clip.params_from_state_dict(
-        read_tensors(model_path), clip.param_shapes(model), source=model_path
+        _read_weights(model_path), clip.param_shapes(model), source=model_path
     )
     tokenize = _clip_tokenizer(
         tokenizer_path or model_path, model.config.text.max_position_embeddings
@@ -305,10 +312,10 @@ def load_aesthetic(
     model = AestheticModel(vision, projection_dim, _dtype(dtype), attention_impl)
     tensors = {
         k: v
-        for k, v in read_tensors(clip_path).items()
+        for k, v in _read_weights(clip_path).items()
         if k.startswith(("vision_model.", "visual_projection."))
     }
-    head = read_tensors(head_path)
+    head = _read_weights(head_path)
     tensors.update({f"head.{k}": v for k, v in head.items()})
     shapes = jax.eval_shape(
         model.init,
@@ -353,7 +360,7 @@ def load_hpsv2(
     cfg_dict = read_json(model_config) if model_config else oc.VIT_H_14
     config = oc.clip_config_from_open_clip(cfg_dict, source=model_config or "ViT-H-14")
     model = clip.CLIPModel(config, _dtype(dtype), attention_impl)
-    state = oc.open_clip_to_hf(read_tensors(weights), source=weights)
+    state = oc.open_clip_to_hf(_read_weights(weights), source=weights)
     params = clip.params_from_state_dict(state, clip.param_shapes(model), source=weights)
     tokenize = _clip_tokenizer(tokenizer_path, config.text.max_position_embeddings)
 
@@ -412,7 +419,7 @@ def load_imagereward(
     batch_size: int = 32,
 ) -> Scorer:
     """ImageReward (BLIP ViT + BERT with cross-attention + linear head; module doc)."""
-    state = {k: v for k, v in read_tensors(weights).items() if k.startswith(_IMAGEREWARD_PREFIXES)}
+    state = {k: v for k, v in _read_weights(weights).items() if k.startswith(_IMAGEREWARD_PREFIXES)}
     vision = blip_vision_config(state, vision_num_heads, source=weights)
     text = text_config_from_dict(
         read_json(med_config), encoder_width=vision.hidden_size, source=med_config

@@ -29,7 +29,8 @@ import numpy as np
 from flax import struct
 
 from spin_jax.models import convert
-from spin_jax.models.attention import IMPLEMENTATIONS, attention
+from spin_jax.models.attention import attention
+from spin_jax.platform import check_attention_impl
 
 Params = dict[str, Any]
 
@@ -171,8 +172,7 @@ def clip_config_from_dict(config: Mapping[str, Any], *, source: str = "config.js
 
 
 def _check_impl(attention_impl: str | None) -> None:
-    if attention_impl not in IMPLEMENTATIONS:
-        raise ValueError(f"attention_impl {attention_impl!r} not in {IMPLEMENTATIONS}")
+    check_attention_impl(attention_impl)
 
 
 # ---------------------------------------------------------------------------------------------

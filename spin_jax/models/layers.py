@@ -151,22 +151,6 @@ class ResnetBlock2D(nn.Module):
         return out
 
 
-def _cudnn_max_head_dim() -> int:
-    cc = getattr(jax.devices()[0], "compute_capability", None)
-    try:
-        return 256 if cc is not None and float(cc) >= 9.0 else 128
-    except ValueError:
-        return 128
-
-
-def attention_impl_for(implementation: str | None, head_dim: int) -> str | None:
-    """cuDNN flash attention takes head dims that are multiples of 8 up to 128 (256 from
-    Hopper on); other layers (the VAE's single 512-wide head) fall back to XLA."""
-    if implementation == "cudnn" and (head_dim % 8 or head_dim > _cudnn_max_head_dim()):
-        return None
-    return implementation
-
-
 class Attention(nn.Module):
     """diffusers' ``Attention``: q/k/v projections, multi-head attention, ``to_out.0``.
 
@@ -201,8 +185,7 @@ class Attention(nn.Module):
         q = q.reshape(b, q.shape[1], self.heads, self.dim_head)
         k = k.reshape(b, k.shape[1], self.heads, self.dim_head)
         v = v.reshape(b, v.shape[1], self.heads, self.dim_head)
-        impl = attention_impl_for(self.attention_impl, self.dim_head)
-        o = attention(q, k, v, implementation=impl, upcast=self.upcast)
+        o = attention(q, k, v, implementation=self.attention_impl, upcast=self.upcast)
         o = dense(c, self.dtype, "to_out_0")(o.reshape(b, -1, inner))
         o = o.reshape(shape)
         if self.residual_connection:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from spin_jax import platform
 from spin_jax.diffusion.schedule import Schedule, schedule_from_config
 from spin_jax.files import write_json
 from spin_jax.models import convert
@@ -53,6 +56,9 @@ class StableDiffusion:
     params: Params
     configs: dict[str, dict]
     path: str | None = None
+    # The attention implementation each network's layers got when traced at load time
+    # (``spin_jax.platform.AttentionChoice`` per layer), for ``attention_summary``.
+    attention_choices: dict[str, list] = dataclasses.field(default_factory=dict)
 
     @property
     def scaling_factor(self) -> float:
@@ -70,6 +76,11 @@ class StableDiffusion:
     def dtype(self) -> Any:
         return self.unet.dtype
 
+    @property
+    def attention_summary(self) -> str:
+        """One line for a start-up report, e.g. "attention: auto -> xla for 46 layers (cpu)"."""
+        return attention_report(self)
+
     def tokenize(self, prompts: list[str]) -> np.ndarray:
         return self.tokenizer(prompts)
 
@@ -86,16 +97,97 @@ class StableDiffusion:
         return self.vae.apply({"params": params}, latents, method=self.vae.decode)
 
 
-def _load_network(root: str, name: str, module: nn.Module, shapes: Params, allow_pickle: bool):
+def _read_network(root: str, name: str, allow_pickle: bool):
+    """Runs on a helper thread while the main one traces the networks: memory-maps the weight
+    files and converts every tensor into one aligned host buffer with layouts guessed from the
+    names (``convert.prepare``; checked against the traced template afterwards)."""
     folder = os.path.join(root, name)
     files = weight_files(folder, _WEIGHTS[name], allow_pickle=allow_pickle)
-    tensors = read_tensors(files)
+    tensors = read_tensors(files, dtype=None)  # lazy views of the files, in their dtypes
+    prepared = convert.prepare(tensors, np.float32)
+    source = files[0] if len(files) == 1 else folder
+    return tensors, prepared, source
+
+
+def _convert_network(read, shapes: Params) -> Params:
+    tensors, prepared, source = read
     # transformers 5 saves CLIPTextModel without the "text_model." prefix published SD repos have.
     for prefix in [k for k in shapes if len(shapes) == 1]:
         if not any(k.startswith(prefix + ".") for k in tensors):
             tensors = {f"{prefix}.{k}": v for k, v in tensors.items()}
-    source = files[0] if len(files) == 1 else folder
-    return convert.torch_to_flax(tensors, shapes, source=source)
+            prepared = {f"{prefix}.{k}": v for k, v in prepared.items()}
+    return convert.torch_to_flax(tensors, shapes, source=source, prepared=prepared)
+
+
+def _shardings(sharding: Any, name: str, params: Params) -> Any:
+    if isinstance(sharding, Mapping):
+        sharding = sharding.get(name)
+    if sharding is None:
+        return None
+    if isinstance(sharding, jax.sharding.Mesh):
+        from spin_jax import parallel
+
+        return parallel.fsdp_param_sharding(sharding, params)
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda _: sharding, params)
+    return sharding  # a pytree of shardings shaped like the params
+
+
+def place(params: Params, shardings: Any = None) -> Params:
+    """Host (NumPy) params onto devices: one transfer per array, or per shard straight from
+    host memory when ``shardings`` (a pytree of ``jax.sharding.Sharding``) is given, also when
+    the shardings span other processes' devices (every process holds the same host values)."""
+    if shardings is None:
+        return jax.device_put(params)
+    leaves = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    if all(s.is_fully_addressable for s in leaves):
+        return jax.device_put(params, shardings)
+
+    def put(x, s):
+        return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+    return jax.tree.map(put, params, shardings)
+
+
+def check_attention(attention_impl: Any, dtype: Any) -> str:
+    """``attention_impl`` normalised ("auto" | "xla" | "cudnn"); an explicit "cudnn" that this
+    machine or compute dtype cannot run is a ValueError naming ``model.attention_impl``."""
+    impl = platform.check_attention_impl(attention_impl)
+    if impl == "cudnn":
+        m = platform.describe_machine()
+        why = platform.cudnn_unavailable(
+            platform=m.platform,
+            device_kind=m.device_kind,
+            compute_capability=m.compute_capability,
+            platform_version=m.platform_version,
+            dtype=dtype,
+        )
+        if why:
+            raise ValueError(
+                f"{platform.FIELD}='cudnn' cannot run here: {why}. Set {platform.FIELD}='auto' "
+                "(cuDNN where it can run, XLA elsewhere) or 'xla'."
+            )
+    return impl
+
+
+def attention_report(sd: StableDiffusion) -> str:
+    """One line saying which attention implementation the layers of ``sd`` run, and why:
+    "attention: auto -> cudnn for 32 layers (head dims 40, 80, 160), xla for 14 layers (...)
+    (gpu: NVIDIA H100 80GB HBM3, compute capability 9.0)". Networks not traced at load time
+    (a model built by hand) are traced abstractly here (nothing runs)."""
+    choices = sd.attention_choices
+    if not choices:
+        choices = {}
+        for name, module, shapes in (
+            ("unet", sd.unet, unet_param_shapes),
+            ("vae", sd.vae, vae_param_shapes),
+            ("text_encoder", sd.text_encoder, text_encoder_param_shapes),
+        ):
+            with platform.record_attention() as log:
+                shapes(module)
+            choices[name] = log
+        sd.attention_choices = choices
+    return platform.summarize_attention([c for log in choices.values() for c in log])
 
 
 def load_pretrained(
@@ -105,21 +197,56 @@ def load_pretrained(
     attention_impl: str | None = None,
     remat: bool = False,
     allow_pickle: bool = False,
+    sharding: Any = None,
 ) -> StableDiffusion:
     """Loads a diffusers-format Stable Diffusion directory (SD 1.x / 2.x).
 
     ``dtype`` is the compute dtype of the networks; parameters stay float32.
-    ``attention_impl``: None (XLA) or ``"cudnn"``. ``remat`` rematerialises UNet blocks.
+    ``attention_impl``: None/"xla" (XLA), "auto" (cuDNN flash attention per layer where this
+    machine, dtype and head dim allow it; ``spin_jax.platform``) or "cudnn" (cuDNN where the
+    head dim allows; a ValueError on a machine or dtype that cannot run it).
+    ``remat`` rematerialises UNet blocks.
     ``allow_pickle``: read ``.bin``/``.ckpt`` weights (needs torch; unpickling runs code).
+    ``sharding``: where the params go. None: the default device. A ``jax.sharding.Sharding``
+    for every array, a ``Mesh`` (``parallel.fsdp_param_sharding``: split over its ``fsdp``
+    axis, else replicated), or a dict of those per network ("unet", "vae", "text_encoder");
+    shards are placed straight from host memory.
+
+    The weights are memory-mapped, renamed, transposed and cast in NumPy, in one copy into one
+    aligned host buffer per network, then put on the devices in one call: no per-tensor device
+    dispatch or compilation.
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory not found: {path}")
-    model_index = read_json(os.path.join(path, "model_index.json"))
+    attention_impl = check_attention(attention_impl, dtype)
+    read_json(os.path.join(path, "model_index.json"))  # a diffusers directory, before any work
     for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not os.path.isdir(os.path.join(path, name)):
             raise FileNotFoundError(
                 f"{path} has no '{name}' folder (a diffusers directory has one)"
             )
+    # A helper thread reads and converts the weights (memory maps and NumPy copies, which
+    # release the GIL) while this thread parses configs, loads the tokenizer and traces the
+    # networks; the conversion is then checked against the traced parameter templates.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="spin_jax_load")
+    reads = {
+        name: pool.submit(_read_network, path, name, allow_pickle)
+        for name in ("unet", "vae", "text_encoder")
+    }
+
+    def convert_and_place(name: str, shapes: Params) -> Params:
+        host = _convert_network(reads[name].result(), shapes)
+        return place(host, _shardings(sharding, name, host))
+
+    try:
+        return _load(path, dtype, attention_impl, remat, pool, reads, convert_and_place)
+    finally:
+        # On an error, do not wait for a conversion still copying: raise now.
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _load(path, dtype, attention_impl, remat, pool, reads, convert_and_place) -> StableDiffusion:
+    model_index = read_json(os.path.join(path, "model_index.json"))
     configs = {
         "model_index": model_index,
         "unet": read_json(os.path.join(path, "unet", "config.json")),
@@ -151,19 +278,22 @@ def load_pretrained(
     )
     max_length = int(configs["text_encoder"].get("max_position_embeddings", 77))
     tokenizer = load_tokenizer(os.path.join(path, "tokenizer"), max_length=max_length)
-    params = {
-        "unet": _load_network(path, "unet", unet, unet_param_shapes(unet), allow_pickle),
-        "vae": _load_network(path, "vae", vae, vae_param_shapes(vae), allow_pickle),
-        "text_encoder": _load_network(
-            path,
-            "text_encoder",
-            text_encoder,
-            text_encoder_param_shapes(text_encoder),
-            allow_pickle,
-        ),
-    }
-    params = jax.tree.map(jnp.asarray, params)
-    return StableDiffusion(unet, vae, text_encoder, tokenizer, schedule, params, configs, path)
+    networks = (
+        ("unet", unet, unet_param_shapes),
+        ("vae", vae, vae_param_shapes),
+        ("text_encoder", text_encoder, text_encoder_param_shapes),
+    )
+    params, choices, done = {}, {}, {}
+    for name, module, shapes_of in networks:
+        with platform.record_attention() as log:
+            shapes = shapes_of(module)
+        choices[name] = log
+        done[name] = pool.submit(convert_and_place, name, shapes)
+    for name, future in done.items():
+        params[name] = future.result()
+    sd = StableDiffusion(unet, vae, text_encoder, tokenizer, schedule, params, configs, path)
+    sd.attention_choices = choices
+    return sd
 
 
 def save_pretrained(sd: StableDiffusion, path: str, params: Params | None = None) -> str:

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from spin_jax.models.attention import IMPLEMENTATIONS
 from spin_jax.models.layers import (
     Downsample2D,
     ResnetBlock2D,
@@ -24,6 +23,7 @@ from spin_jax.models.layers import (
     group_norm,
     timestep_embedding,
 )
+from spin_jax.platform import check_attention_impl
 
 Dtype = Any
 
@@ -158,7 +158,7 @@ class UNet2DConditionModel(nn.Module):
     """Noise (or v) prediction network: ``(sample NHWC, timesteps, context [B, L, D]) -> NHWC``.
 
     Fields are diffusers' config keys (defaults as diffusers) plus ``dtype`` (compute dtype;
-    parameters stay float32), ``attention_impl`` (None | "xla" | "cudnn") and ``remat``
+    parameters stay float32), ``attention_impl`` (None | "auto" | "xla" | "cudnn") and ``remat``
     (rematerialise every resnet and transformer block to save training memory).
     ``attention_head_dim`` is, as in diffusers, the number of heads unless
     ``num_attention_heads`` is given.
@@ -222,8 +222,7 @@ class UNet2DConditionModel(nn.Module):
                 f"UNet encoder_hidden_states must be [B, L, {self.context_dim}], got "
                 f"{context.shape}"
             )
-        if self.attention_impl not in IMPLEMENTATIONS:
-            raise ValueError(f"attention_impl {self.attention_impl!r} not in {IMPLEMENTATIONS}")
+        check_attention_impl(self.attention_impl)
         b = sample.shape[0]
         t = jnp.asarray(timesteps)
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, b)):
@@ -480,8 +479,7 @@ def unet_from_config(
         raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
     config = check_known(source, config, UNET_CONFIG_KEYS)
     check_fixed(source, config, _UNET_FIXED)
-    if attention_impl not in IMPLEMENTATIONS:
-        raise ValueError(f"attention_impl {attention_impl!r} not in {IMPLEMENTATIONS}")
+    check_attention_impl(attention_impl)
 
     defaults = UNet2DConditionModel()
     kw = {k: config.get(k, getattr(defaults, k)) for k in _UNET_FIELDS}

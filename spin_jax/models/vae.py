@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from spin_jax.models.attention import IMPLEMENTATIONS
 from spin_jax.models.layers import (
     Attention,
     Conv1x1,
@@ -26,6 +25,7 @@ from spin_jax.models.layers import (
     group_norm,
 )
 from spin_jax.models.unet import check_fixed, check_known, config_error, is_int
+from spin_jax.platform import check_attention_impl
 
 Dtype = Any
 _EPS = 1e-6  # every VAE normalisation layer
@@ -283,8 +283,7 @@ def vae_from_config(
         raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
     config = check_known(source, config, VAE_CONFIG_KEYS)
     check_fixed(source, config, _VAE_FIXED)
-    if attention_impl not in IMPLEMENTATIONS:
-        raise ValueError(f"attention_impl {attention_impl!r} not in {IMPLEMENTATIONS}")
+    check_attention_impl(attention_impl)
     defaults = AutoencoderKL()
     kw = {k: config.get(k, getattr(defaults, k)) for k in _VAE_FIELDS}
     channels = kw["block_out_channels"]

@@ -68,10 +68,88 @@ def weight_files(
     raise FileNotFoundError(f"no weights in {path}: expected {stem}.safetensors")
 
 
-def read_tensors(files: list[str]) -> dict[str, np.ndarray]:
-    """Every tensor of ``files`` as float32 NumPy arrays (pickles only if listed: needs torch)."""
-    from safetensors import safe_open
+# safetensors dtype names -> NumPy dtypes (bfloat16 from ml_dtypes, a dependency of jax).
+def _numpy_dtypes() -> dict[str, np.dtype]:
+    import ml_dtypes
 
+    return {
+        "F64": np.dtype(np.float64),
+        "F32": np.dtype(np.float32),
+        "F16": np.dtype(np.float16),
+        "BF16": np.dtype(ml_dtypes.bfloat16),
+        "I64": np.dtype(np.int64),
+        "I32": np.dtype(np.int32),
+        "I16": np.dtype(np.int16),
+        "I8": np.dtype(np.int8),
+        "U8": np.dtype(np.uint8),
+        "BOOL": np.dtype(np.bool_),
+    }
+
+
+def _map(fileno: int, populate: bool):
+    import mmap
+
+    flags = getattr(mmap, "MAP_POPULATE", 0) if populate else 0
+    if flags:
+        try:  # read ahead and map every page now, so that first uses do not fault one by one
+            return mmap.mmap(fileno, 0, flags=mmap.MAP_SHARED | flags, prot=mmap.PROT_READ)
+        except (OSError, ValueError):
+            pass
+    return mmap.mmap(fileno, 0, access=mmap.ACCESS_READ)
+
+
+def map_safetensors(path: str, *, populate: bool = True) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as a read-only NumPy view of the memory-mapped file,
+    in the file's dtype: nothing is copied. ``populate`` reads the file in and maps its pages
+    at once (Linux ``MAP_POPULATE``), which is faster than faulting them in one by one when
+    every tensor is used; without it nothing is read until a view is used.
+
+    The header is parsed here (8-byte little-endian length, JSON of name -> dtype, shape,
+    data offsets); a truncated or foreign file is a ValueError naming it.
+    """
+    dtypes = _numpy_dtypes()
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n <= 0 or 8 + n > size:
+                raise ValueError("not a safetensors file (bad header length)")
+            header = json.loads(f.read(n))
+            mm = _map(f.fileno(), populate) if size > 8 + n else b""
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read safetensors file {path}: {e}") from None
+    data = np.frombuffer(mm, np.uint8)[8 + n :] if len(mm) else np.zeros(0, np.uint8)
+    out: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = dtypes[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(
+                f"cannot read safetensors file {path}: tensor {name!r} has an unsupported "
+                f"entry {info!r}"
+            ) from None
+        count = int(np.prod(shape, dtype=np.int64))
+        if end - begin != count * dtype.itemsize or end > data.size or begin < 0:
+            raise ValueError(
+                f"cannot read safetensors file {path}: tensor {name!r} ({info['dtype']} "
+                f"{list(shape)}) does not fit its data offsets [{begin}, {end}] "
+                f"(file truncated?)"
+            )
+        out[name] = data[begin:end].view(dtype.newbyteorder("<")).reshape(shape)
+    return out
+
+
+def read_tensors(files: list[str], dtype: object = np.float32) -> dict[str, np.ndarray]:
+    """Every tensor of ``files`` (pickles only if listed: needs torch).
+
+    ``dtype``: float tensors are returned in this dtype (float32 files as zero-copy read-only
+    views of the memory-mapped file, others cast); None keeps every tensor in the file's dtype,
+    still as lazy views, for a converter that casts while it copies.
+    """
     out: dict[str, np.ndarray] = {}
     for path in files:
         if path.endswith(PICKLE_EXTS):
@@ -83,10 +161,12 @@ def read_tensors(files: list[str]) -> dict[str, np.ndarray]:
             state = state.get("state_dict", state)
             out.update({k: v.float().numpy() for k, v in state.items() if hasattr(v, "numpy")})
             continue
-        try:
-            with safe_open(path, framework="flax") as f:  # flax reads bfloat16 too
-                for k in f.keys():
-                    out[k] = np.asarray(f.get_tensor(k), dtype=np.float32)
-        except Exception as e:  # a truncated or foreign file
-            raise ValueError(f"cannot read safetensors file {path}: {e}") from None
+        tensors = map_safetensors(path)
+        if dtype is not None:
+            want = np.dtype(dtype)
+            tensors = {
+                k: v if v.dtype == want or v.dtype.kind in "iub" else v.astype(want)
+                for k, v in tensors.items()
+            }
+        out.update(tensors)
     return out
