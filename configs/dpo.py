@@ -20,12 +20,10 @@ def get_config(arg: str | None = None):
     c.data.caption_dropout = 0.2
     c.train.steps = 2000
     c.train.batch_size = 2048
-    c.train.accum_steps = 32
+    c.train.per_device_batch_size = 8  # accumulation steps follow from the devices present
     c.train.learning_rate = 2.048e-5
     c.train.lr_schedule = "constant"
     c.train.warmup_steps = 500
     c.train.beta = 5000.0
-    c.model.dtype = "bfloat16"
-    c.model.attention_impl = "cudnn"
     c.model.remat = True
     return with_preset(c, arg, __file__)

@@ -26,6 +26,4 @@ def get_config(arg: str | None = None):
     c.train.lr_schedule = "constant"
     c.train.warmup_steps = 1000
     c.train.beta = 5000.0
-    c.model.dtype = "bfloat16"
-    c.model.attention_impl = "cudnn"
     return with_preset(c, arg, __file__)

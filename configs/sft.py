@@ -19,11 +19,9 @@ def get_config(arg: str | None = None):
     c.data.source = "pickapic"
     c.train.steps = 500
     c.train.batch_size = 2048
-    c.train.accum_steps = 32
+    c.train.per_device_batch_size = 8  # accumulation steps follow from the devices present
     c.train.learning_rate = 2e-5
     c.train.warmup_steps = 200
     c.train.lr_schedule = "linear"
-    c.model.dtype = "bfloat16"
-    c.model.attention_impl = "cudnn"
     c.model.remat = True
     return with_preset(c, arg, __file__)

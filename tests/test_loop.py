@@ -210,3 +210,26 @@ def test_seppo_sigkill_resume_and_export(model_dir, folder, tmp_path):
     assert any(
         np.array_equal(unet.conv_in.weight.detach().permute(2, 3, 1, 0).numpy(), x) for x in ours
     )
+
+
+def test_paper_config_runs_on_cpu_with_only_model_data_and_sizes(
+    model_dir, folder, tmp_path, capsys
+):
+    """configs/spin.py as written for 8 GPUs (bf16/cuDNN by default there, 8 per device, remat):
+    on this CPU it picks float32 and XLA attention and derives the accumulation steps."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("spin_cfg", ROOT / "configs" / "spin.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.model.path, c.data.source, c.data.path = model_dir, "imagefolder", folder
+    c.data.resolution, c.iterations, c.train.steps, c.train.batch_size = 16, 1, 2, 16
+    c.train.warmup_steps = 1
+    c.sample.num_steps, c.sample.batch_size, c.log.grid_prompts = 1, 8, ("a red circle",)
+    (summary,) = loop.run(c, str(tmp_path / "paper"))
+    assert np.isfinite(summary["loss"])
+    out = capsys.readouterr().out
+    assert "float32 compute, auto on cpu" in out
+    assert "attention: auto -> xla" in out
+    assert "16 = 1 x 2 per device x 8 devices" in out

@@ -11,7 +11,7 @@ import ml_collections
 from spin_jax.train import objectives
 
 SOURCES = ("imagefolder", "pickapic", "tfds")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -23,8 +23,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # diffusers-format directory
-    c.model.dtype = "float32"  # compute dtype; parameters stay float32
-    c.model.attention_impl = ml_collections.config_dict.placeholder(str)  # None | "cudnn"
+    # Compute dtype ("auto": bfloat16 on GPUs and TPUs, float32 on CPUs); parameters stay float32.
+    c.model.dtype = "auto"
+    # "auto": cuDNN flash attention per layer where the GPU, dtype and head dim allow, XLA
+    # elsewhere; "xla" or "cudnn" to force one (spin_jax.platform).
+    c.model.attention_impl = "auto"
     c.model.remat = False
     c.model.allow_pickle = False
 
@@ -121,8 +124,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         fail("data.source", f"must be one of {SOURCES}")
     if c.model.dtype not in DTYPES:
         fail("model.dtype", f"must be one of {DTYPES}")
-    if c.model.attention_impl not in (None, "", "xla", "cudnn"):
-        fail("model.attention_impl", "must be empty (XLA), 'xla' or 'cudnn'")
+    if c.model.attention_impl not in (None, "", "auto", "xla", "cudnn"):
+        fail("model.attention_impl", "must be 'auto', 'xla' (or empty) or 'cudnn'")
     if not c.model.path:
         fail("model.path", "set it to a diffusers-format Stable Diffusion directory")
     if not c.data.path:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from spin_jax import parallel, runlock
+from spin_jax import parallel, platform, runlock
 from spin_jax.data.latent_cache import sample_latents
 from spin_jax.files import write_json
 from spin_jax.train import batches, checkpoints, objectives, rollout
@@ -195,13 +195,17 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any) -> list[di
     if not os.path.exists(c.data.path):
         raise FileNotFoundError(f"config.data.path: dataset not found: {c.data.path}")
     check_workdir(workdir, config)
+    dtype_why = "as set"
+    if c.model.dtype == "auto":
+        c.model.dtype = platform.default_compute_dtype()
+        dtype_why = f"auto on {jax.devices()[0].platform}"
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[c.model.dtype]
     sd = load_pretrained(c.model.path, dtype, attention_impl=c.model.attention_impl or None,
                          remat=c.model.remat, allow_pickle=c.model.allow_pickle)  # fmt: skip
     stop = (lambda: _stop_requested(guard)) if guard is not None else None
     data = batches.open_data(c, objective, workdir, sd, barrier, stop)
     writer = metrics_lib.MetricWriter(workdir)
-    _report(c, objective, mesh, data, accum_why)
+    _report(c, objective, mesh, data, accum_why, f"{c.model.dtype} compute, {dtype_why}", sd)
 
     n_rounds, steps = int(c.iterations), int(c.train.steps)
     # A continuous objective is one fine-tune over all rounds: its schedule spans them all.
@@ -380,7 +384,7 @@ def _grid(c, sd, unet_params, round_dir: str) -> None:
     metrics_lib.save_grid(np.asarray(images), os.path.join(round_dir, "grid.png"))
 
 
-def _report(c, objective, mesh, data, accum_why) -> None:
+def _report(c, objective, mesh, data, accum_why, dtype_why, sd) -> None:
     dp = parallel.data_parallel_size(mesh)
     micro = c.train.batch_size // c.train.accum_steps
     for line in (
@@ -390,7 +394,8 @@ def _report(c, objective, mesh, data, accum_why) -> None:
         f"{jax.process_count()} process(es); mesh {dict(mesh.shape)}",
         f"batch: global {c.train.batch_size} = {c.train.accum_steps} micro-batches of {micro} "
         f"({micro // dp} per device): {accum_why}",
-        f"model: {c.model.path} ({c.model.dtype} compute, attention {c.model.attention_impl})",
+        f"model: {c.model.path} ({dtype_why})",
+        sd.attention_summary,
         f"data: {c.data.source} {c.data.path}: {data.summary}",
     ):
         say(line)
