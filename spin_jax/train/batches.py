@@ -63,9 +63,11 @@ class Data:
 
 def open_data(config: ml_collections.ConfigDict, objective: Objective, workdir: str,
               sd: Any, barrier: Callable[[str], None],
-              stop: Callable[[], bool] | None = None) -> Data:  # fmt: skip
-    """``stop()``: checked between cache shards; when it turns True the build ends early
-    (finished shards kept) and ``Interrupted`` is raised."""
+              stop: Callable[[], bool] | None = None,
+              agree: Callable[[], bool] | None = None) -> Data:  # fmt: skip
+    """``stop()`` (this process's flag) is checked between cache shards; when it turns True the
+    build ends early (finished shards kept) and, once ``agree()`` (every process's verdict, a
+    collective all of them reach) says so, ``Interrupted`` is raised."""
     c = config
     source = data_sources.open_source(c.data.source, c.data.path, view=objective.view,
                                       split=c.data.split)  # fmt: skip
@@ -94,7 +96,7 @@ def open_data(config: ml_collections.ConfigDict, objective: Objective, workdir: 
             progress=jax.process_index() == 0,
             stop=stop,
         )
-        if stop is not None and stop():
+        if agree is not None and agree():
             raise Interrupted("while building the latent cache; its finished shards are kept")
         barrier("latent_cache")
     pool = np.flatnonzero([cache.status(i) is None for i in range(len(source))])

@@ -202,8 +202,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any) -> list[di
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[c.model.dtype]
     sd = load_pretrained(c.model.path, dtype, attention_impl=c.model.attention_impl or None,
                          remat=c.model.remat, allow_pickle=c.model.allow_pickle)  # fmt: skip
+    # local: this process's flag, between units each process does on its own; stop: every
+    # process's verdict, where they all are in step (a collective with several processes).
+    local = (lambda: bool(guard.requested)) if guard is not None else None
     stop = (lambda: _stop_requested(guard)) if guard is not None else None
-    data = batches.open_data(c, objective, workdir, sd, barrier, stop)
+    data = batches.open_data(c, objective, workdir, sd, barrier, local, stop)
     writer = metrics_lib.MetricWriter(workdir)
     _report(c, objective, mesh, data, accum_why, f"{c.model.dtype} compute, {dtype_why}", sd)
 
@@ -248,7 +251,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any) -> list[di
                 objective.rollout, config=c, sd=sd, reference=refs.get(ref_round),
                 reference_name=_ref_name(ref_round), round_=k,
                 round_dir=checkpoints.round_dir(workdir, k), source=data.source,
-                captions=data.captions, rows=rows, barrier=barrier, stop=stop,
+                captions=data.captions, rows=rows, barrier=barrier, stop=local, agree=stop,
             )  # fmt: skip
             if ro.images:
                 writer.write((k - 1) * steps, {"rollout/images_per_s": ro.images / max(ro.seconds, 1e-9),

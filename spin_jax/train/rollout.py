@@ -103,6 +103,7 @@ def roll_out(
     rows: np.ndarray | None,
     barrier: Callable[[str], None],
     stop: Callable[[], bool] | None = None,
+    agree: Callable[[], bool] | None = None,
 ) -> Rollout | None:
     """Samples of round ``round_`` by the ``reference`` UNet (params this process holds whole):
     of every example (``dataset``) or of ``rows`` (``round_prompts``)."""
@@ -145,10 +146,7 @@ def roll_out(
         per_call = max(c.sample.batch_size // jax.process_count(), 1)
         for shard, indices, texts in work:
             if stop is not None and stop():
-                bar.close()
-                raise Interrupted(
-                    f"during the rollout of iteration {round_}; finished shards are kept"
-                )
+                break  # this process's flag; every process agrees below
             chunks = []
             for start in range(0, len(indices), per_call):
                 ids = sd.tokenize(texts[start : start + per_call])
@@ -161,6 +159,8 @@ def roll_out(
                 bar.update(len(ids))
             store.write_shard(shard, np.concatenate(chunks))
         bar.close()
+    if agree is not None and agree():
+        raise Interrupted(f"during the rollout of iteration {round_}; finished shards are kept")
     barrier(f"rollout_{round_}")
     if not store.is_complete():
         raise RuntimeError(f"synthetic store {store.dir} is incomplete after the rollout")
