@@ -15,7 +15,9 @@ needed). Then, each in a fresh subprocess, measures:
   when diffusers is not importable), with ``torch_dtype`` the file's dtype.
 
 One JSON line per measurement: ``seconds`` is the call itself, ``process_seconds`` the whole
-fresh process (interpreter start and imports included). The files are in the page cache after
+fresh process (interpreter start and imports included), ``cpu_seconds`` the process's user +
+system CPU time, ``load_average`` the machine's 1-minute load average right after (other work
+competing for the cores). The files are in the page cache after
 the first pass (they were just written), so these are warm-cache figures on both sides.
 """
 
@@ -233,12 +235,15 @@ def measure(what: str, folder: str, dtype: str, timeout: float) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     process_seconds = time.perf_counter() - t0
+    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"error": " | ".join(tail), "process_seconds": round(process_seconds, 2)}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["process_seconds"] = round(process_seconds, 2)
     result["seconds"] = round(result["seconds"], 3)
+    result["cpu_seconds"] = round(result["cpu_seconds"], 2)
+    result["load_average"] = load  # other work on the machine (1-minute load average)
     return result
 
 
@@ -264,7 +269,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.child:
-        print(json.dumps(child(args.child, args.folder, args.file_dtypes)), flush=True)
+        import resource
+
+        result = child(args.child, args.folder, args.file_dtypes)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        result["cpu_seconds"] = usage.ru_utime + usage.ru_stime  # the whole process
+        print(json.dumps(result), flush=True)
         return 0
 
     root = args.folder or tempfile.mkdtemp(prefix="bench_load_", dir="/tmp")

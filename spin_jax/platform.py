@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import functools
 import re
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -197,18 +198,25 @@ class AttentionChoice:
     dtype: str
 
 
-_RECORDS: list[list[AttentionChoice]] = []
+_RECORDS = threading.local()  # per thread: the open record_attention logs
+
+
+def _open_logs() -> list[list[AttentionChoice]]:
+    if not hasattr(_RECORDS, "logs"):
+        _RECORDS.logs = []
+    return _RECORDS.logs
 
 
 @contextlib.contextmanager
 def record_attention() -> Iterator[list[AttentionChoice]]:
-    """Collects one :class:`AttentionChoice` per attention call traced inside the block."""
+    """Collects one :class:`AttentionChoice` per attention call this thread traces inside
+    the block."""
     log: list[AttentionChoice] = []
-    _RECORDS.append(log)
+    _open_logs().append(log)
     try:
         yield log
     finally:
-        _RECORDS.remove(log)
+        _open_logs().remove(log)
 
 
 def resolve_attention(impl: Any, *, dtype: Any, head_dim: int, masked: bool = False) -> str:
@@ -228,7 +236,7 @@ def resolve_attention(impl: Any, *, dtype: Any, head_dim: int, masked: bool = Fa
             head_dim=int(head_dim),
             masked=masked,
         )
-    for log in _RECORDS:
+    for log in _open_logs():
         log.append(AttentionChoice(requested, chosen, reason, int(head_dim), _dtype_name(dtype)))
     return chosen
 
