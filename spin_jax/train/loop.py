@@ -164,7 +164,8 @@ def _stop_requested(guard: Any) -> bool:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+        votes = multihost_utils.process_allgather(np.array([flag], np.float32))
+        flag = bool(np.any(np.asarray(votes) > 0.5))
     return flag
 
 
