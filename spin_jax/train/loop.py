@@ -262,11 +262,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any) -> list[di
             placed_ref = {ref_round: parallel.replicate(refs.get(ref_round), mesh)}
         ref = placed_ref.get(ref_round)
         beta = config_lib.beta_for_iteration(c, k - 1)
-        state, last, t_train = _train_round(c, workdir, objective, data, sd, mesh, writer, step_jit,
+        state, last, means, t_train = _train_round(c, workdir, objective, data, sd, mesh, writer, step_jit,
                                             state, ref, text, ro, k, start, beta, ref_round,
                                             stop)  # fmt: skip
-        summary = _finish_round(c, objective, sd, workdir, writer, state, k, ref_round, beta,
-                                last, t_rollout, t_train)  # fmt: skip
+        summary = _finish_round(c, objective, sd, workdir, state, k, ref_round, beta, last,
+                                means, t_rollout, t_train)  # fmt: skip
         summaries.append(summary)
     writer.close()
     return summaries
@@ -291,6 +291,7 @@ def _train_round(c, workdir, objective, data, sd, mesh, writer, step_jit, state,
     bar = metrics_lib.progress(steps, f"round {k}: train", "step", initial=start)
     t0 = t_last = time.time()
     last: dict[str, Any] = {}
+    logged: list[dict[str, float]] = []  # this attempt's logged rows, for the round's means
     last_step = start
     for s in range(start, steps):
         local = batches.read_batch(c, objective, data, k, s, mesh, sd.tokenize, ro)
@@ -319,6 +320,7 @@ def _train_round(c, workdir, objective, data, sd, mesh, writer, step_jit, state,
             writer.write(offset + done, metrics)
             t_last, last_step = now, done
             last = {m: float(v) for m, v in metrics.items() if np.ndim(v) == 0}
+            logged.append(last)
             bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
         bar.update(1)
         halt = done < steps and stop is not None and stop()
@@ -341,16 +343,20 @@ def _train_round(c, workdir, objective, data, sd, mesh, writer, step_jit, state,
     bar.close()
     mgr.wait_until_finished()
     mgr.close()
-    return state, last, time.time() - t0
+    if start == 0:  # every row of the round is in memory: no need to read metrics.jsonl
+        means = {m.removeprefix("train/"): float(np.mean([r[m] for r in logged if m in r]))
+                 for m in (logged[-1] if logged else {})}  # fmt: skip
+    else:
+        means = _round_means(writer.path, offset + 1, offset + steps) if writer.enabled else {}
+    return state, last, means, time.time() - t0
 
 
-def _finish_round(c, objective, sd, workdir, writer, state, k, ref_round, beta, last,
+def _finish_round(c, objective, sd, workdir, state, k, ref_round, beta, last, means,
                   t_rollout, t_train) -> dict[str, Any]:  # fmt: skip
     steps = int(c.train.steps)
     every = max(1, int(c.log.grid_every_rounds))
     if (k % every == 0 or k == int(c.iterations)) and c.log.grid_prompts:
         _grid(c, sd, parallel.local_copy(state.params), checkpoints.round_dir(workdir, k))
-    means = _round_means(writer.path, (k - 1) * steps + 1, k * steps) if writer.enabled else {}
     summary = {
         "iteration": k,
         "objective": objective.name,
