@@ -9,6 +9,7 @@ on or off, sampler, latent size, decode), so repeated calls do not recompile.
 
 from __future__ import annotations
 
+import inspect
 import math
 import weakref
 from collections.abc import Callable
@@ -83,6 +84,7 @@ def _build(
     num_steps: int,
     do_cfg: bool,
     shared_uncond: bool,
+    zero_uncond: bool,
     given_latents: bool,
     latent_shape: tuple[int, int, int],
     decode: bool,
@@ -92,10 +94,23 @@ def _build(
 ) -> Callable:
     sample_fn = samplers.SAMPLERS[sampler]
     kwargs = dict(sampler_kwargs)
+    stochastic = "noises" in inspect.signature(sample_fn).parameters
+    timesteps = kwargs.get("timesteps")
+    num_noises = len(timesteps) if timesteps is not None else num_steps
 
     def run(params, ids, uncond_ids, start, key, guidance):
         sd = sd_ref()  # traced while the caller holds sd; the cache holds only a weak reference
-        context = sd.encode_text(params["text_encoder"], ids)
+        context, pooled = sd.encode_prompt(params, ids)
+        batch = context.shape[0]
+        h, w = latent_shape[0] * sd.vae_scale_factor, latent_shape[1] * sd.vae_scale_factor
+        added = sd.added_cond(pooled, sd.time_ids(h, w, batch))
+        t_cond = None
+        if sd.guidance_embedding_dim:
+            from spin_jax.models.unet import guidance_scale_embedding
+
+            # LCM UNets take the guidance scale as an embedding of w - 1 (no CFG batch).
+            t_cond = guidance_scale_embedding(jnp.full((batch,), guidance - 1.0),
+                                              sd.guidance_embedding_dim)  # fmt: skip
         if given_latents:
             x_T = start.astype(jnp.float32)
         else:
@@ -106,25 +121,47 @@ def _build(
 
             x_T = jax.vmap(noise)(start)
         if do_cfg:
-            uncond = sd.encode_text(params["text_encoder"], uncond_ids)
-            uncond = jnp.broadcast_to(uncond, context.shape) if shared_uncond else uncond
-            # [u0, c0, u1, c1, ...]: both halves of an example stay on its device.
-            context2 = jnp.stack([uncond, context], axis=1).reshape((-1,) + context.shape[1:])
+            if zero_uncond:
+                u_ctx, u_pooled = jnp.zeros_like(context), pooled
+                u_pooled = None if pooled is None else jnp.zeros_like(pooled)
+            else:
+                u_ctx, u_pooled = sd.encode_prompt(params, uncond_ids)
+                if shared_uncond:
+                    u_ctx = jnp.broadcast_to(u_ctx, context.shape)
+                    u_pooled = None if pooled is None else jnp.broadcast_to(u_pooled, pooled.shape)
+
+            def pair(u, c):  # [u0, c0, u1, c1, ...]: both halves of an example on its device
+                return jnp.stack([u, c], axis=1).reshape((-1,) + c.shape[1:])
+
+            context2 = pair(u_ctx, context)
+            added2 = None if added is None else jax.tree.map(
+                pair, sd.added_cond(u_pooled, added["time_ids"]), added)  # fmt: skip
 
             def model_fn(x, t):
                 out = sd.unet_apply(params["unet"], jnp.repeat(x, 2, axis=0), jnp.repeat(t, 2),
-                                    context2)  # fmt: skip
+                                    context2, added2)  # fmt: skip
                 out = out.astype(jnp.float32).reshape((-1, 2) + out.shape[1:])
                 e_u, e_c = out[:, 0], out[:, 1]
                 return e_u + guidance * (e_c - e_u)
         else:
 
             def model_fn(x, t):
-                return sd.unet_apply(params["unet"], x, t, context).astype(jnp.float32)
+                return sd.unet_apply(params["unet"], x, t, context, added, t_cond).astype(
+                    jnp.float32
+                )
 
         extra = dict(kwargs)
         if sampler == "ddim" and extra.get("eta", 0.0) > 0:
             extra["key"] = jax.random.fold_in(key, 2**31 - 1)
+        if stochastic and "noises" not in extra:
+            # Step noise per example from its id too (given latents: from its row).
+            ids_ = start if not given_latents else jnp.arange(batch)
+
+            def step_noise(i):
+                k = jax.random.fold_in(jax.random.fold_in(key, i), 1)
+                return jax.random.normal(k, (num_noises, *latent_shape), jnp.float32)
+
+            extra["noises"] = jnp.swapaxes(jax.vmap(step_noise)(ids_), 0, 1)
         x0 = sample_fn(model_fn, x_T, sd.schedule, num_steps, **extra)
         if not decode:
             return x0
@@ -148,7 +185,8 @@ def generate(
     *,
     negative_prompt_ids: Any = None,
     latents: Any = None,
-    sampler: str = "dpm_solver_pp",
+    sampler: str | None = None,
+    timesteps: Any = None,
     mesh: Mesh | None = None,
     example_ids: Any = None,
     sampler_kwargs: dict | None = None,
@@ -156,26 +194,42 @@ def generate(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Images NHWC float32 in [-1, 1] for tokenized prompts (or the final scaled latents).
 
-    ``prompt_ids``: int [B, L] from ``sd.tokenize``. ``key``: PRNG key; example i starts from
+    ``prompt_ids``: int [B, L] (SDXL: [B, 2, L]) from ``sd.tokenize``. ``key``: PRNG key; example i starts from
     noise drawn with ``fold_in(key, example_ids[i])`` (``example_ids`` defaults to 0..B-1), or
     from ``latents`` [B, height/8, width/8, C] when given (they then set the size).
     ``guidance_scale > 1`` runs classifier-free guidance against ``negative_prompt_ids`` ([B, L]
-    or [1, L]) or the empty prompt; otherwise the unconditional pass is skipped (as diffusers).
+    or [1, L]) or the empty prompt (zeros when the folder sets ``force_zeros_for_empty_prompt``,
+    as SDXL's); otherwise the unconditional pass is skipped (as diffusers). A UNet with a
+    guidance embedding (LCM) gets ``guidance_scale - 1`` embedded instead, with no CFG batch.
+    SDXL's micro-conditioning is ``(height, width, 0, 0, height, width)``.
     ``decode=False`` returns the sampler's latents (scaled, as the UNet sees them);
     ``return_latents=True`` with ``decode=True`` returns ``(images, latents)``.
-    ``sampler``: ``dpm_solver_pp`` or ``ddim``; ``sampler_kwargs`` go to it (e.g. ``order``,
-    ``eta``). ``mesh``: batch split over its data axes; default all local devices.
+    ``sampler``: a name of ``samplers.SAMPLERS`` (``dpm_solver_pp``, ``ddim``, ``euler``,
+    ``euler_ancestral``, ``lcm``); None: the one diffusers' pipeline uses for the folder's
+    scheduler (``samplers.default_sampler``). ``timesteps``: custom descending timesteps
+    (e.g. DMD2's [999, 749, 499, 249]) for the samplers that take them. Stochastic samplers
+    draw step i's noise of example j from ``fold_in(fold_in(key, example_ids[j]), 1)``.
+    ``sampler_kwargs`` go to the sampler (e.g. ``order``, ``eta``). ``mesh``: batch split over
+    its data axes; default all local devices.
     """
+    if sampler is None:
+        sampler = samplers.default_sampler(sd.schedule)
     if sampler not in samplers.SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is not one of {sorted(samplers.SAMPLERS)}")
     ids = np.asarray(prompt_ids)
-    if ids.ndim != 2 or ids.shape[0] == 0 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"prompt_ids must be a non-empty int array [B, L], got {ids.dtype} "
-                         f"{ids.shape}")  # fmt: skip
+    want = "[B, L]" if not sd.family.pooled else f"[B, {len(sd.family.tokenizers)}, L]"
+    ndim = 2 if not sd.family.pooled else 3
+    if ids.ndim != ndim or ids.shape[0] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"prompt_ids must be a non-empty int array {want} (sd.tokenize), got "
+                         f"{ids.dtype} {ids.shape}")  # fmt: skip
     ids = ids.astype(np.int32)
-    batch, length = ids.shape
+    batch, length = ids.shape[0], ids.shape[1:]
     guidance = float(guidance_scale)
-    do_cfg = guidance > 1.0
+    do_cfg = guidance > 1.0 and not sd.guidance_embedding_dim
+    zero_uncond = do_cfg and negative_prompt_ids is None and sd.force_zeros_for_empty_prompt
+    sampler_kwargs = dict(sampler_kwargs or {})
+    if timesteps is not None:
+        sampler_kwargs["timesteps"] = tuple(int(t) for t in np.asarray(timesteps).reshape(-1))
     channels = int(sd.latent_channels)
     if latents is not None:
         latents = np.asarray(latents, np.float32)
@@ -197,21 +251,21 @@ def generate(
 
     ref, cache = _entry(sd)
     shared_uncond = True
-    uncond = np.zeros((1, length), np.int32)
-    if do_cfg:
+    uncond = np.zeros((1, *length), np.int32)
+    if do_cfg and not zero_uncond:
         if negative_prompt_ids is None:
             if "empty_ids" not in cache:
                 cache["empty_ids"] = np.asarray(sd.tokenize([""]), np.int32)
             uncond = cache["empty_ids"]
         else:
             uncond = np.asarray(negative_prompt_ids, np.int32)
-            if uncond.ndim != 2 or uncond.shape[0] not in (1, batch):
-                raise ValueError(f"negative_prompt_ids must be [{batch}, L] or [1, L], got "
+            if uncond.ndim != ndim or uncond.shape[0] not in (1, batch):
+                raise ValueError(f"negative_prompt_ids must be {want} with B = {batch} or 1, got "
                                  f"{uncond.shape}")  # fmt: skip
             shared_uncond = uncond.shape[0] == 1
-        if uncond.shape[1] != length:
-            raise ValueError(f"negative/empty prompt ids have length {uncond.shape[1]}, prompts "
-                             f"{length}")  # fmt: skip
+        if uncond.shape[1:] != length:
+            raise ValueError(f"negative/empty prompt ids have shape {uncond.shape[1:]} per "
+                             f"prompt, prompts {length}")  # fmt: skip
 
     mesh = default_mesh() if mesh is None else mesh
     for d in mesh.devices.flat:
@@ -234,12 +288,13 @@ def generate(
         int(num_steps),
         do_cfg,
         shared_uncond,
+        zero_uncond,
         latents is not None,
         latent_shape,
         bool(decode),
         bool(decode and return_latents),
         sampler,
-        tuple(sorted((sampler_kwargs or {}).items())),
+        tuple(sorted(sampler_kwargs.items())),
     )
     fn = cache.get(static)
     if fn is None:

@@ -1,7 +1,10 @@
-"""Stable Diffusion as one object: three Flax networks, a tokenizer, a schedule and their params.
+"""Stable Diffusion as one object: the Flax networks, tokenizers, a schedule and their params.
 
 ``load_pretrained`` reads a diffusers-format directory with safetensors + numpy (no torch) and
-``save_pretrained`` writes one that ``diffusers.StableDiffusionPipeline.from_pretrained`` loads.
+``save_pretrained`` writes one that diffusers' pipeline class loads. Two families share the
+object (``FAMILIES``): SD 1.x/2.x (one CLIP text encoder) and SDXL (two text encoders, pooled
+text embedding and micro-conditioning time ids added to the UNet's time embedding). Every other
+module asks ``sd.family`` (or the methods below) instead of testing keys.
 """
 
 from __future__ import annotations
@@ -35,13 +38,71 @@ _WEIGHTS = {
     "unet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
+    "text_encoder_2": "model",
 }
 _CLASS_NAMES = {
     "unet": ("diffusers", "UNet2DConditionModel"),
     "vae": ("diffusers", "AutoencoderKL"),
     "text_encoder": ("transformers", "CLIPTextModel"),
+    "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
     "tokenizer": ("transformers", "CLIPTokenizer"),
+    "tokenizer_2": ("transformers", "CLIPTokenizer"),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What a model family holds and how its prompts condition the UNet."""
+
+    name: str
+    pipeline_class: str  # diffusers' pipeline class (model_index.json ``_class_name``)
+    text_encoders: tuple[str, ...]  # folders, in the order their states are concatenated
+    tokenizers: tuple[str, ...]
+    pooled: bool  # the last text encoder's projected pooled embedding conditions the UNet
+    penultimate: bool  # the context is each encoder's penultimate hidden state (no final LN)
+
+    @property
+    def networks(self) -> tuple[str, ...]:
+        return ("unet", "vae", *self.text_encoders)
+
+    @property
+    def folders(self) -> tuple[str, ...]:
+        return (*self.networks, *self.tokenizers, "scheduler")
+
+
+FAMILIES = {
+    "sd": Family(
+        "sd",
+        "StableDiffusionPipeline",
+        ("text_encoder",),
+        ("tokenizer",),
+        pooled=False,
+        penultimate=False,
+    ),  # fmt: skip
+    "sdxl": Family(
+        "sdxl",
+        "StableDiffusionXLPipeline",
+        ("text_encoder", "text_encoder_2"),
+        ("tokenizer", "tokenizer_2"),
+        pooled=True,
+        penultimate=True,
+    ),  # fmt: skip
+}
+
+
+def family_of(model_index: Mapping[str, Any], source: str = "model_index.json") -> Family:
+    """The family a diffusers ``model_index.json`` describes (its pipeline class, else whether
+    it lists a second text encoder)."""
+    cls = model_index.get("_class_name")
+    for fam in FAMILIES.values():
+        if cls == fam.pipeline_class:
+            return fam
+    if isinstance(cls, str) and cls.startswith("StableDiffusionXL"):
+        return FAMILIES["sdxl"]  # img2img / inpaint pipelines hold the same networks
+    entry = model_index.get("text_encoder_2")
+    if isinstance(entry, list) and entry and entry[0] is not None:
+        return FAMILIES["sdxl"]
+    return FAMILIES["sd"]
 
 
 @dataclasses.dataclass
@@ -56,6 +117,9 @@ class StableDiffusion:
     params: Params
     configs: dict[str, dict]
     path: str | None = None
+    text_encoder_2: nn.Module | None = None
+    tokenizer_2: Tokenizer | None = None
+    family: Family = FAMILIES["sd"]
     # The attention implementation each network's layers got when traced at load time
     # (``spin_jax.platform.AttentionChoice`` per layer), for ``attention_summary``.
     attention_choices: dict[str, list] = dataclasses.field(default_factory=dict)
@@ -81,14 +145,84 @@ class StableDiffusion:
         """One line for a start-up report, e.g. "attention: auto -> xla for 46 layers (cpu)"."""
         return attention_report(self)
 
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        """SDXL: the unconditional branch of CFG is zeros, not the encoded empty prompt."""
+        return bool(self.configs["model_index"].get("force_zeros_for_empty_prompt", False))
+
+    @property
+    def guidance_embedding_dim(self) -> int | None:
+        """LCM UNets embed the guidance scale (``time_cond_proj_dim``); None otherwise."""
+        return self.configs["unet"].get("time_cond_proj_dim")
+
     def tokenize(self, prompts: list[str]) -> np.ndarray:
-        return self.tokenizer(prompts)
+        """int32 ids: [B, L] (one tokenizer) or [B, 2, L] (SDXL: both tokenizers)."""
+        if self.tokenizer_2 is None:
+            return self.tokenizer(prompts)
+        return np.stack([self.tokenizer(prompts), self.tokenizer_2(prompts)], axis=1)
 
-    def encode_text(self, params: Params, input_ids: jax.Array) -> jax.Array:
-        return self.text_encoder.apply({"params": params}, input_ids).last_hidden_state
+    def text_params(self, params: Params) -> Params:
+        """The text encoders' params of a params dict: what ``encode_prompt`` reads."""
+        return {name: params[name] for name in self.family.text_encoders}
 
-    def unet_apply(self, params: Params, x_t: jax.Array, t: jax.Array, context: jax.Array):
-        return self.unet.apply({"params": params}, x_t, t, context)
+    def encode_prompt(self, params: Params, input_ids: jax.Array) -> tuple[jax.Array, Any]:
+        """``(context [B, L, D], pooled [B, P] or None)`` as diffusers' ``encode_prompt``.
+
+        ``params``: a dict holding the text encoders' params (``sd.params`` or
+        ``sd.text_params(...)``). SD 1.x/2.x: the last hidden state, no pooled embedding. SDXL:
+        both encoders' penultimate hidden states concatenated, and ``text_encoder_2``'s
+        projected pooled ``text_embeds``.
+        """
+        if not self.family.penultimate:
+            out = self.text_encoder.apply({"params": params["text_encoder"]}, input_ids)
+            return out.last_hidden_state, None
+        if input_ids.ndim != 3 or input_ids.shape[1] != len(self.family.text_encoders):
+            raise ValueError(
+                f"{self.family.name} prompt ids must be [B, {len(self.family.text_encoders)}, L] "
+                f"(sd.tokenize), got shape {tuple(input_ids.shape)}"
+            )
+        states, pooled = [], None
+        modules = (self.text_encoder, self.text_encoder_2)
+        for i, (name, module) in enumerate(zip(self.family.text_encoders, modules, strict=True)):
+            out = module.apply({"params": params[name]}, input_ids[:, i], output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            pooled = getattr(out, "text_embeds", None)
+        return jnp.concatenate(states, axis=-1), pooled
+
+    def encode_text(self, params: Any, input_ids: jax.Array) -> jax.Array:
+        """The context only. SD: ``params`` may be the text encoder's own params (as before)."""
+        if not self.family.pooled and "text_encoder" not in params:
+            params = {"text_encoder": params}
+        return self.encode_prompt(params, input_ids)[0]
+
+    def time_ids(self, height: int, width: int, batch: int) -> np.ndarray:
+        """SDXL micro-conditioning at sampling: (H, W, 0, 0, H, W) per example, float32 [B, 6]."""
+        row = np.asarray([height, width, 0, 0, height, width], np.float32)
+        return np.broadcast_to(row, (batch, 6)).copy()
+
+    def added_cond(self, pooled: Any, time_ids: Any) -> dict[str, jax.Array] | None:
+        """``unet_apply``'s ``added_cond`` for this family (None for SD 1.x/2.x)."""
+        if not self.family.pooled:
+            return None
+        return {"text_embeds": pooled, "time_ids": jnp.asarray(time_ids, jnp.float32)}
+
+    def unet_apply(
+        self,
+        params: Params,
+        x_t: jax.Array,
+        t: jax.Array,
+        context: jax.Array,
+        added_cond: Mapping[str, jax.Array] | None = None,
+        timestep_cond: jax.Array | None = None,
+    ):
+        """The UNet; ``added_cond`` as diffusers' ``added_cond_kwargs`` (SDXL: ``text_embeds``
+        [B, P] and ``time_ids`` [B, 6]), ``timestep_cond`` the LCM guidance embedding."""
+        kwargs = {}
+        if added_cond is not None:
+            kwargs["added_cond"] = dict(added_cond)
+        if timestep_cond is not None:
+            kwargs["timestep_cond"] = timestep_cond
+        return self.unet.apply({"params": params}, x_t, t, context, **kwargs)
 
     def vae_encode(self, params: Params, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.vae.apply({"params": params}, images, method=self.vae.encode)
@@ -111,11 +245,15 @@ def _read_network(root: str, name: str, allow_pickle: bool):
 
 def _convert_network(read, shapes: Params) -> Params:
     tensors, prepared, source = read
-    # transformers 5 saves CLIPTextModel without the "text_model." prefix published SD repos have.
-    for prefix in [k for k in shapes if len(shapes) == 1]:
-        if not any(k.startswith(prefix + ".") for k in tensors):
-            tensors = {f"{prefix}.{k}": v for k, v in tensors.items()}
-            prepared = {f"{prefix}.{k}": v for k, v in prepared.items()}
+    # transformers 5 saves CLIPTextModel without the "text_model." prefix published SD repos have
+    # (CLIPTextModelWithProjection keeps it, beside its "text_projection").
+    if "text_model" in shapes and not any(k.startswith("text_model.") for k in tensors):
+        others = tuple(f"{k}." for k in shapes if k != "text_model")
+
+        def fix(d):
+            return {(k if k.startswith(others) else f"text_model.{k}"): v for k, v in d.items()}
+
+        tensors, prepared = fix(tensors), fix(prepared)
     return convert.torch_to_flax(tensors, shapes, source=source, prepared=prepared)
 
 
@@ -178,16 +316,23 @@ def attention_report(sd: StableDiffusion) -> str:
     choices = sd.attention_choices
     if not choices:
         choices = {}
-        for name, module, shapes in (
-            ("unet", sd.unet, unet_param_shapes),
-            ("vae", sd.vae, vae_param_shapes),
-            ("text_encoder", sd.text_encoder, text_encoder_param_shapes),
-        ):
+        for name, module, shapes in _networks(sd):
             with platform.record_attention() as log:
                 shapes(module)
             choices[name] = log
         sd.attention_choices = choices
     return platform.summarize_attention([c for log in choices.values() for c in log])
+
+
+def _networks(sd: StableDiffusion) -> list[tuple[str, nn.Module, Any]]:
+    """(name, module, param-shapes function) of each network of ``sd``."""
+    modules = {"unet": sd.unet, "vae": sd.vae, "text_encoder": sd.text_encoder,
+               "text_encoder_2": sd.text_encoder_2}  # fmt: skip
+    shapes = {"unet": unet_param_shapes, "vae": vae_param_shapes}
+    return [
+        (name, modules[name], shapes.get(name, text_encoder_param_shapes))
+        for name in sd.family.networks
+    ]
 
 
 def load_pretrained(
@@ -219,81 +364,105 @@ def load_pretrained(
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory not found: {path}")
     attention_impl = check_attention(attention_impl, dtype)
-    read_json(os.path.join(path, "model_index.json"))  # a diffusers directory, before any work
-    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    index_path = os.path.join(path, "model_index.json")
+    family = family_of(read_json(index_path), index_path)  # a diffusers directory, before any work
+    for name in family.folders:
         if not os.path.isdir(os.path.join(path, name)):
             raise FileNotFoundError(
-                f"{path} has no '{name}' folder (a diffusers directory has one)"
+                f"{path} has no '{name}' folder (a diffusers {family.pipeline_class} directory "
+                f"has {', '.join(family.folders)})"
             )
     # A helper thread reads and converts the weights (memory maps and NumPy copies, which
     # release the GIL) while this thread parses configs, loads the tokenizer and traces the
     # networks; the conversion is then checked against the traced parameter templates.
     pool = ThreadPoolExecutor(1, thread_name_prefix="spin_jax_load")
-    reads = {
-        name: pool.submit(_read_network, path, name, allow_pickle)
-        for name in ("unet", "vae", "text_encoder")
-    }
+    reads = {name: pool.submit(_read_network, path, name, allow_pickle) for name in family.networks}
 
     def convert_and_place(name: str, shapes: Params) -> Params:
         host = _convert_network(reads[name].result(), shapes)
         return place(host, _shardings(sharding, name, host))
 
     try:
-        return _load(path, dtype, attention_impl, remat, pool, reads, convert_and_place)
+        return _load(path, family, dtype, attention_impl, remat, pool, convert_and_place)
     finally:
         # On an error, do not wait for a conversion still copying: raise now.
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _load(path, dtype, attention_impl, remat, pool, reads, convert_and_place) -> StableDiffusion:
-    model_index = read_json(os.path.join(path, "model_index.json"))
-    configs = {
-        "model_index": model_index,
-        "unet": read_json(os.path.join(path, "unet", "config.json")),
-        "vae": read_json(os.path.join(path, "vae", "config.json")),
-        "text_encoder": read_json(os.path.join(path, "text_encoder", "config.json")),
-        "scheduler": read_json(os.path.join(path, "scheduler", "scheduler_config.json")),
-    }
-    unet = unet_from_config(
-        configs["unet"],
-        dtype=dtype,
-        attention_impl=attention_impl,
-        remat=remat,
-        source=os.path.join(path, "unet", "config.json"),
-    )
-    vae = vae_from_config(
-        configs["vae"],
-        dtype=dtype,
-        attention_impl=attention_impl,
-        source=os.path.join(path, "vae", "config.json"),
-    )
-    text_encoder = text_encoder_from_config(
-        configs["text_encoder"],
-        dtype=dtype,
-        attention_impl=attention_impl,
-        source=os.path.join(path, "text_encoder", "config.json"),
-    )
-    schedule = schedule_from_config(
-        configs["scheduler"], source=os.path.join(path, "scheduler", "scheduler_config.json")
-    )
-    max_length = int(configs["text_encoder"].get("max_position_embeddings", 77))
-    tokenizer = load_tokenizer(os.path.join(path, "tokenizer"), max_length=max_length)
-    networks = (
-        ("unet", unet, unet_param_shapes),
-        ("vae", vae, vae_param_shapes),
-        ("text_encoder", text_encoder, text_encoder_param_shapes),
-    )
+def _load(path, family, dtype, attention_impl, remat, pool, convert_and_place) -> StableDiffusion:
+    def config(name: str, file: str = "config.json") -> tuple[dict, str]:
+        source = os.path.join(path, name, file)
+        return read_json(source), source
+
+    configs = {"model_index": read_json(os.path.join(path, "model_index.json"))}
+    sources = {}
+    for name in family.networks:
+        configs[name], sources[name] = config(name)
+    configs["scheduler"], sources["scheduler"] = config("scheduler", "scheduler_config.json")
+    if family.pooled:
+        check_added_cond_dims(configs, sources)
+    unet = unet_from_config(configs["unet"], dtype=dtype, attention_impl=attention_impl,
+                            remat=remat, source=sources["unet"])  # fmt: skip
+    # force_upcast (the SDXL VAE overflows in half precision): the VAE computes in float32.
+    vae_dtype = jnp.float32 if configs["vae"].get("force_upcast") else dtype
+    vae = vae_from_config(configs["vae"], dtype=vae_dtype, attention_impl=attention_impl,
+                          source=sources["vae"])  # fmt: skip
+    encoders = [
+        text_encoder_from_config(
+            configs[name], dtype=dtype, attention_impl=attention_impl, source=sources[name]
+        )  # fmt: skip
+        for name in family.text_encoders
+    ]
+    schedule = schedule_from_config(configs["scheduler"], source=sources["scheduler"])
+    tokenizers = [
+        load_tokenizer(
+            os.path.join(path, tok), max_length=int(configs[enc].get("max_position_embeddings", 77))
+        )  # fmt: skip
+        for tok, enc in zip(family.tokenizers, family.text_encoders, strict=True)
+    ]
+    sd = StableDiffusion(unet, vae, encoders[0], tokenizers[0], schedule, {}, configs, path,
+                         text_encoder_2=encoders[1] if len(encoders) > 1 else None,
+                         tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None,
+                         family=family)  # fmt: skip
     params, choices, done = {}, {}, {}
-    for name, module, shapes_of in networks:
+    for name, module, shapes_of in _networks(sd):
         with platform.record_attention() as log:
             shapes = shapes_of(module)
         choices[name] = log
         done[name] = pool.submit(convert_and_place, name, shapes)
     for name, future in done.items():
         params[name] = future.result()
-    sd = StableDiffusion(unet, vae, text_encoder, tokenizer, schedule, params, configs, path)
+    sd.params = params
     sd.attention_choices = choices
     return sd
+
+
+def check_added_cond_dims(configs: Mapping[str, dict], sources: Mapping[str, str]) -> None:
+    """SDXL: the UNet's added-conditioning input must be the pooled text embedding plus six
+    embedded time ids; the context width the sum of both encoders' widths."""
+    unet, source = configs["unet"], sources["unet"]
+    pooled = int(configs["text_encoder_2"].get("projection_dim", 0))
+    if unet.get("addition_embed_type") != "text_time":
+        raise ValueError(
+            f"{source}: addition_embed_type={unet.get('addition_embed_type')!r}, but an SDXL "
+            "pipeline's UNet takes the pooled text embedding and time ids ('text_time')"
+        )
+    want = pooled + 6 * int(unet.get("addition_time_embed_dim") or 0)
+    got = unet.get("projection_class_embeddings_input_dim")
+    if got != want:
+        raise ValueError(
+            f"{source}: projection_class_embeddings_input_dim={got} disagrees with the text "
+            f"encoders: text_encoder_2 projection_dim {pooled} + 6 time ids x "
+            f"addition_time_embed_dim {unet.get('addition_time_embed_dim')} = {want}"
+        )
+    width = sum(int(configs[n].get("hidden_size", 0)) for n in ("text_encoder", "text_encoder_2"))
+    cross = unet.get("cross_attention_dim")
+    if cross != width:
+        raise ValueError(
+            f"{source}: cross_attention_dim={cross} disagrees with the text encoders' widths "
+            f"(hidden_size {configs['text_encoder'].get('hidden_size')} + "
+            f"{configs['text_encoder_2'].get('hidden_size')} = {width})"
+        )
 
 
 def save_pretrained(sd: StableDiffusion, path: str, params: Params | None = None) -> str:
@@ -306,18 +475,20 @@ def save_pretrained(sd: StableDiffusion, path: str, params: Params | None = None
 
     params = sd.params if params is None else params
     os.makedirs(path, exist_ok=True)
+    family = sd.family
     model_index = dict(sd.configs["model_index"])
-    for name, (library, cls) in _CLASS_NAMES.items():
-        model_index[name] = [library, cls]
+    model_index["_class_name"] = model_index.get("_class_name") or family.pipeline_class
+    for name in (*family.networks, *family.tokenizers):
+        model_index[name] = list(_CLASS_NAMES[name])
     model_index["scheduler"] = [
         "diffusers",
         sd.configs["scheduler"].get("_class_name", "DDIMScheduler"),
     ]
-    for name, stem in _WEIGHTS.items():
+    for name in family.networks:
+        stem = _WEIGHTS[name]
         folder = os.path.join(path, name)
         os.makedirs(folder, exist_ok=True)
-        cfg_name = "config.json"
-        write_json(os.path.join(folder, cfg_name), sd.configs[name], sort_keys=True)
+        write_json(os.path.join(folder, "config.json"), sd.configs[name], sort_keys=True)
         tensors = convert.flax_to_torch(jax.device_get(params[name]))
         tmp = os.path.join(folder, f".{stem}.safetensors.tmp")
         save_file(tensors, tmp, metadata={"format": "pt"})
@@ -328,12 +499,14 @@ def save_pretrained(sd: StableDiffusion, path: str, params: Params | None = None
         sd.configs["scheduler"],
         sort_keys=True,
     )
-    sd.tokenizer.save(os.path.join(path, "tokenizer"))
+    tokenizers = (sd.tokenizer, sd.tokenizer_2)
+    for name, tok in zip(family.tokenizers, tokenizers, strict=False):
+        tok.save(os.path.join(path, name))
     if sd.path and os.path.abspath(sd.path) != os.path.abspath(path):
         for name, entry in sd.configs["model_index"].items():
             src = os.path.join(sd.path, name)
             dst = os.path.join(path, name)
-            if name in _CLASS_NAMES or name == "scheduler" or not os.path.isdir(src):
+            if name in family.folders or not os.path.isdir(src):
                 continue
             if isinstance(entry, list) and entry[0] is not None and not os.path.exists(dst):
                 shutil.copytree(src, dst)

@@ -168,9 +168,11 @@ def round_rows(config: ml_collections.ConfigDict, objective: Objective, data: Da
 
 def read_batch(config: ml_collections.ConfigDict, objective: Objective, data: Data,
                round_: int, step: int, mesh: jax.sharding.Mesh, tokenize: Callable,
-               rollout: Any = None) -> dict[str, np.ndarray]:  # fmt: skip
+               rollout: Any = None, *, time_ids: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
     """This process's part of global batch ``step`` of round ``round_``: posterior moments of
-    the cached latents (drawn on device by the step), rolled-out latents, labels, token ids."""
+    the cached latents (drawn on device by the step), rolled-out latents, labels, token ids
+    and, with ``time_ids`` (SDXL), the micro-conditioning of each example (``data.sdxl_time_ids``:
+    "fixed" = (res, res, 0, 0, res, res), as Diffusion-DPO's SDXL script)."""
     c = config
     b = c.train.batch_size
     rows = global_rows(c, objective, data, round_, step)
@@ -192,4 +194,8 @@ def read_batch(config: ml_collections.ConfigDict, objective: Objective, data: Da
         out["label"] = data.labels[rows]
     prompts = ["" if d else data.captions[r] for r, d in zip(rows, dropped, strict=True)]
     out["input_ids"] = tokenize(prompts)
+    if time_ids:
+        res = float(c.data.resolution)
+        row = np.asarray([res, res, 0.0, 0.0, res, res], np.float32)
+        out["time_ids"] = np.broadcast_to(row, (len(rows), 6)).copy()
     return out

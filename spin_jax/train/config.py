@@ -12,6 +12,7 @@ from spin_jax.train import objectives
 
 SOURCES = ("imagefolder", "pickapic", "tfds")
 DTYPES = ("auto", "float32", "bfloat16")
+SDXL_TIME_IDS = ("fixed",)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -45,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.kto_desirable_ratio = 0.0  # KTO: fraction of desirable images per batch (0: as data)
     c.data.cache_dir = ""  # latent cache; "" -> <workdir>/latent_cache
     c.data.encode_batch_size = 32
+    # SDXL micro-conditioning in training: "fixed" = (res, res, 0, 0, res, res) for every image,
+    # as Diffusion-DPO's SDXL script (choice; diffusers' DPO example uses each image's own size).
+    c.data.sdxl_time_ids = "fixed"
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 500  # optimizer steps per round
@@ -120,6 +124,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     row = objectives.OBJECTIVES[c.objective]
     if c.data.empty_caption not in ("skip", "unconditional"):
         fail("data.empty_caption", "must be 'skip' or 'unconditional'")
+    if c.data.sdxl_time_ids not in SDXL_TIME_IDS:
+        fail("data.sdxl_time_ids", f"must be one of {SDXL_TIME_IDS}")
     if c.data.source not in SOURCES:
         fail("data.source", f"must be one of {SOURCES}")
     if c.model.dtype not in DTYPES:

@@ -106,7 +106,7 @@ def make_step(config: ml_collections.ConfigDict, objective: objectives.Objective
         train_step = make_train_step(
             objective.name,
             unet_apply=sd.unet_apply,
-            encode_text=sd.encode_text,
+            encode_text=sd.encode_prompt,
             schedule=sd.schedule,
             beta=beta if objective.needs_reference else None,
             share_noise=c.loss.share_noise,
@@ -221,7 +221,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any) -> list[di
     # The output state keeps the input's layout, so every step of every round calls the
     # executable compiled for the first one.
     step_jit = jit_train_step(make_step(c, objective, sd, lr_fn, mesh), state_sharding(state))
-    text = parallel.replicate(sd.params["text_encoder"], mesh)
+    text = parallel.replicate(sd.text_params(sd.params), mesh)
 
     first_round, first_step = 1, 0
     state, found = checkpoints.restore_latest(workdir, n_rounds, state, say)
@@ -294,7 +294,8 @@ def _train_round(c, workdir, objective, data, sd, mesh, writer, step_jit, state,
     logged: list[dict[str, float]] = []  # this attempt's logged rows, for the round's means
     last_step = start
     for s in range(start, steps):
-        local = batches.read_batch(c, objective, data, k, s, mesh, sd.tokenize, ro)
+        local = batches.read_batch(c, objective, data, k, s, mesh, sd.tokenize, ro,
+                                   time_ids=sd.family.pooled)  # fmt: skip
         batch = parallel.global_batch_from_local(local, mesh)
         stream, pos = batches.position(objective, k, s, steps)
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(c.seed), stream), pos)

@@ -95,8 +95,9 @@ def draw_inputs(
     if row.pairwise:
         same = row.always_share_noise or share_noise
         out["noise_b"] = out["noise_a"] if same else normal(k_b)
-    text_field = "context" if "context" in batch else "input_ids"
-    out[text_field] = batch[text_field]
+    for f in ("context", "input_ids", "pooled", "time_ids"):
+        if f in batch:
+            out[f] = batch[f]
     for f in fields:
         out[f] = batch[f]
     return out
@@ -121,7 +122,9 @@ def make_train_step(
 
     ``unet_apply(params, x_t, t, context) -> prediction`` (NHWC; the model applies its own compute
     dtype), ``encode_text(text_params, input_ids) -> context`` (frozen; not needed when batches
-    carry ``context``). ``beta`` is required by every objective with a reference.
+    carry ``context``). SDXL: ``encode_text`` returns ``(context, pooled)`` (``sd.encode_prompt``;
+    or batches carry ``pooled``), batches carry ``time_ids`` [B, 6], and ``unet_apply`` takes a
+    fifth argument, ``added_cond`` (``{"text_embeds", "time_ids"}``). ``beta`` is required by every objective with a reference.
     ``sft_weight`` adds that multiple of the policy's error on the preferred images to a
     pairwise loss. ``learning_rate_fn`` (the optimizer's schedule) only feeds ``metrics["lr"]``.
     ``mesh``, if given, lets the step check divisibility and place each micro-batch across all
@@ -142,38 +145,49 @@ def make_train_step(
 
     def model_inputs(text_params, mb):
         if "context" in mb:
-            ctx = mb["context"]
+            ctx, pooled = mb["context"], mb.get("pooled")
         else:
-            ctx = encode_text(text_params, mb["input_ids"])
-        ctx = jax.lax.stop_gradient(ctx)
+            out = encode_text(text_params, mb["input_ids"])
+            ctx, pooled = out if isinstance(out, tuple) else (out, None)
+        # SDXL: the pooled text embedding and the micro-conditioning time ids.
+        cond = {"context": ctx}
+        if pooled is not None:
+            cond["added_cond"] = {"text_embeds": pooled, "time_ids": mb["time_ids"]}
+        cond = jax.lax.stop_gradient(cond)
         t = mb["t"]
         if pairwise:
             # Winner and loser go through each model as one batch of 2B.
             x0 = jnp.concatenate([mb[fields[0]], mb[fields[1]]]).astype(jnp.float32)
             noise = jnp.concatenate([mb["noise_a"], mb["noise_b"]])
-            t, ctx = jnp.concatenate([t, t]), jnp.concatenate([ctx, ctx])
+            t = jnp.concatenate([t, t])
+            cond = jax.tree.map(lambda c: jnp.concatenate([c, c]), cond)
         else:
             x0, noise = mb[fields[0]].astype(jnp.float32), mb["noise_a"]
         x_t = noising.add_noise(schedule, x0, noise, t)
-        return x_t, t, ctx, noising.target(schedule, x0, noise, t)
+        return x_t, t, cond, noising.target(schedule, x0, noise, t)
 
-    def ref_error(ref_params, x_t, t, ctx, target):
-        pred_ref = unet_apply(jax.lax.stop_gradient(ref_params), x_t, t, ctx)
+    def apply(params, x_t, t, cond):
+        if "added_cond" in cond:
+            return unet_apply(params, x_t, t, cond["context"], cond["added_cond"])
+        return unet_apply(params, x_t, t, cond["context"])
+
+    def ref_error(ref_params, x_t, t, cond, target):
+        pred_ref = apply(jax.lax.stop_gradient(ref_params), x_t, t, cond)
         return jax.lax.stop_gradient(losses.per_sample_error(pred_ref, target))
 
     def kto_reward(params, ref_params, text_params, mb):
         # Mean implicit reward g = e_ref - e_theta of one micro-batch, without gradients.
-        x_t, t, ctx, target = model_inputs(text_params, mb)
-        err = losses.per_sample_error(unet_apply(params, x_t, t, ctx), target)
-        return jnp.mean(ref_error(ref_params, x_t, t, ctx, target) - err)
+        x_t, t, cond, target = model_inputs(text_params, mb)
+        err = losses.per_sample_error(apply(params, x_t, t, cond), target)
+        return jnp.mean(ref_error(ref_params, x_t, t, cond, target) - err)
 
     def micro_step(params, ref_params, text_params, mb, z0=None):
-        x_t, t, ctx, target = model_inputs(text_params, mb)
-        err_ref = ref_error(ref_params, x_t, t, ctx, target) if needs_ref else None
+        x_t, t, cond, target = model_inputs(text_params, mb)
+        err_ref = ref_error(ref_params, x_t, t, cond, target) if needs_ref else None
         opts = dict(options, z0=z0)
 
         def objective_loss(p):
-            err = losses.per_sample_error(unet_apply(p, x_t, t, ctx), target)
+            err = losses.per_sample_error(apply(p, x_t, t, cond), target)
             return row.loss(err, err_ref, mb, beta, opts)
 
         (loss, metrics), grads = jax.value_and_grad(objective_loss, has_aux=True)(params)
