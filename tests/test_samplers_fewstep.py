@@ -243,16 +243,20 @@ def test_euler_ancestral_key_custom_timesteps_and_transition():
     # Turbo's 4 trailing steps are [999, 749, 499, 249]: the same steps given explicitly.
     c = samplers.euler_ancestral(model, X_T, schedule, 2, timesteps=DMD2_TIMESTEPS, key=key)
     np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-6)
-    # The transition helper rebuilds the trajectory from the tables.
+    # The transition helper rebuilds the returned trajectory from the tables, step by step.
+    x0, states = samplers.euler_ancestral(model, X_T, schedule, 4, key=key, return_states=True)
+    assert states.shape == (5, *X_T.shape)
+    np.testing.assert_array_equal(states[-1], x0)
     tab = samplers.euler_ancestral_tables(schedule, 4)
-    x = X_T * tab["init_noise_sigma"]
+    close(states[0], X_T * tab["init_noise_sigma"])
     for i in range(4):
+        x = states[i]
         row = {k: v[i] for k, v in tab.items() if k != "init_noise_sigma"}
         out = model(x / row["scale"], jnp.full((2,), row["t"], jnp.float32))
         mean, std = samplers.euler_ancestral_transition(schedule, row, x, out)
         assert std == row["sigma_up"] and (std > 0) == (i < 3)
-        x = mean + std * noises[i]
-    close(x, np.asarray(a))
+        close(mean + std * noises[i], np.asarray(states[i + 1]))
+    close(x0, np.asarray(a))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,18 +300,31 @@ def test_lcm_timesteps_key_and_transition():
     a = samplers.lcm(model, X_T, schedule, timesteps=DMD2_TIMESTEPS, key=key)
     b = samplers.lcm(model, X_T, schedule, 9, timesteps=DMD2_TIMESTEPS, noises=noises)
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    x0, states = samplers.lcm(
+        model, X_T, schedule, timesteps=DMD2_TIMESTEPS, key=key, return_states=True
+    )
+    np.testing.assert_array_equal(states[0], X_T)
+    np.testing.assert_array_equal(states[-1], x0)
     tab = samplers.lcm_tables(schedule, timesteps=DMD2_TIMESTEPS)
     ab = schedule.alphas_cumprod
-    x = jnp.asarray(X_T)
     for i in range(4):
+        x = states[i]
         row = {k: v[i] for k, v in tab.items()}
         mean, std = samplers.lcm_transition(
             schedule, row, x, model(x, jnp.full((2,), row["t"], jnp.int32))
         )
         want = np.sqrt(1 - ab[DMD2_TIMESTEPS[i + 1]]) if i < 3 else 0.0
         np.testing.assert_allclose(std, want, rtol=1e-6)
-        x = mean + std * noises[i]
-    close(x, np.asarray(a))
+        close(mean + std * noises[i], np.asarray(states[i + 1]))
+    close(x0, np.asarray(a))
+    # Traced step indices work too (the trainer vmaps / scans over a trajectory's steps).
+    rows = {k: jnp.asarray(v) for k, v in tab.items()}
+    i = jnp.int32(1)
+    row = jax.tree.map(lambda v: v[i], rows)
+    mean, std = jax.jit(samplers.lcm_transition, static_argnums=0)(
+        schedule, row, states[1], model(states[1], jnp.full((2,), row["t"], jnp.int32))
+    )
+    close(mean + std * noises[1], np.asarray(states[2]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,6 +416,9 @@ def test_one_compile_one_scan(name):
     a = run(jnp.asarray(X_T))
     b = run(jnp.asarray(X_T) + 1.0)
     assert len(traces) == 1 and a.shape == X_T.shape and not np.allclose(a, b)
+    x0, states = jax.jit(lambda x: fn(model, x, schedule, 4, return_states=True, **kwargs))(X_T)
+    close(x0, np.asarray(a))
+    assert states.shape == (5, *X_T.shape)
     jaxpr = jax.make_jaxpr(lambda x: fn(model, x, schedule, 12, **kwargs))(X_T)
     assert [e.primitive.name for e in jaxpr.eqns].count("scan") == 1
 

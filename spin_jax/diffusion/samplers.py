@@ -467,6 +467,16 @@ def _x0_from_sigma_space(out, x, row, eps_pred: bool):
     return out * row["v_out"] + x / row["v_div"]
 
 
+def _finish(scanned, start: jax.Array, return_states: bool):
+    """x0, or (x0, states float32 [S + 1, *x_T.shape]): states[0] is the sampler's starting
+    sample (x_T times init_noise_sigma for Euler), states[i + 1] the sample after step i, so
+    step i's transition is states[i] -> states[i + 1] at the tables' row i."""
+    x0, states = scanned
+    if not return_states:
+        return x0
+    return x0, jnp.concatenate([start[None], states], axis=0)
+
+
 def _euler_rows(ts: np.ndarray, sigmas: np.ndarray) -> dict[str, np.ndarray]:
     sig = sigmas[: len(ts)].astype(np.float32)
     one = np.float32(1)
@@ -554,12 +564,14 @@ def euler(
     num_steps: int = 4,
     *,
     timesteps=None,
-) -> jax.Array:
+    return_states: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Deterministic Euler in sigma space (``EulerDiscreteScheduler``, s_churn = 0) to x_0.
 
     ``x_T`` is unit-variance noise [B, ...]; it is scaled by ``init_noise_sigma`` here.
     ``model_fn(x / sqrt(sigma^2 + 1), t)`` gets float32 ``t`` [B] (see ``euler_timesteps``).
-    ``timesteps`` (integers, descending), if given, replace the spaced ones and ``num_steps``.
+    ``timesteps`` (integers, descending), if given, replace the spaced ones and ``num_steps``
+    (as diffusers' pipelines do). ``return_states``: also return the trajectory (``_states``).
     """
     tables = euler_tables(schedule, num_steps, timesteps)
     init = tables.pop("init_noise_sigma")
@@ -571,11 +583,11 @@ def euler(
         out = model_fn(x / row["scale"], jnp.full((batch,), row["t"], jnp.float32))
         x0 = _x0_from_sigma_space(out.astype(jnp.float32), x, row, eps_pred)
         d = (x - x0) / row["sigma"]
-        return x + d * row["dt"], None
+        x = x + d * row["dt"]
+        return x, x if return_states else None
 
     xs = {k: jnp.asarray(v) for k, v in tables.items()}
-    x0, _ = jax.lax.scan(body, x_T * init, xs)
-    return x0
+    return _finish(jax.lax.scan(body, x_T * init, xs), x_T * init, return_states)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -637,11 +649,13 @@ def euler_ancestral(
     timesteps=None,
     key: jax.Array | None = None,
     noises: jax.Array | None = None,
-) -> jax.Array:
+    return_states: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Euler ancestral (``EulerAncestralDiscreteScheduler``) from unit noise ``x_T`` to x_0.
 
     Step i adds ``noises[i]`` ([S, *x_T.shape]) if given, else ``normal(fold_in(key, i))``,
     scaled by sigma_up (0 at the last step). ``model_fn`` gets float32 ``t`` [B].
+    ``return_states``: also return the trajectory (see ``euler``).
     """
     tables = euler_ancestral_tables(schedule, num_steps, timesteps)
     init = tables.pop("init_noise_sigma")
@@ -653,12 +667,12 @@ def euler_ancestral(
         i, row = step
         out = model_fn(x / row["scale"], jnp.full((batch,), row["t"], jnp.float32))
         mean, std = euler_ancestral_transition(schedule, row, x, out.astype(jnp.float32))
-        return mean + noise(i) * std, None
+        x = mean + noise(i) * std
+        return x, x if return_states else None
 
     xs = {k: jnp.asarray(v) for k, v in tables.items()}
     steps = jnp.arange(len(tables["t"]), dtype=jnp.int32)
-    x0, _ = jax.lax.scan(body, x_T * init, (steps, xs))
-    return x0
+    return _finish(jax.lax.scan(body, x_T * init, (steps, xs)), x_T * init, return_states)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -735,12 +749,14 @@ def lcm(
     timesteps=None,
     key: jax.Array | None = None,
     noises: jax.Array | None = None,
-) -> jax.Array:
+    return_states: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Latent consistency sampling (``LCMScheduler``) from unit noise ``x_T`` to x_0.
 
     ``model_fn(x, t)`` gets the unscaled sample and int32 ``t`` [B]. Every step but the last
     re-noises the denoised sample with ``noises[i]`` ([S, *x_T.shape]) if given, else
     ``normal(fold_in(key, i))``. ``timesteps``, if given, replace ``num_steps``.
+    ``return_states``: also return the trajectory (see ``euler``).
     """
     tables = lcm_tables(schedule, num_steps, timesteps)
     x_T = jnp.asarray(x_T, jnp.float32)
@@ -751,12 +767,12 @@ def lcm(
         i, row = step
         out = model_fn(x, jnp.full((batch,), row["t"], jnp.int32))
         mean, std = lcm_transition(schedule, row, x, out.astype(jnp.float32))
-        return mean + std * noise(i), None
+        x = mean + std * noise(i)
+        return x, x if return_states else None
 
     xs = {k: jnp.asarray(v) for k, v in tables.items()}
     steps = jnp.arange(len(tables["t"]), dtype=jnp.int32)
-    x0, _ = jax.lax.scan(body, x_T, (steps, xs))
-    return x0
+    return _finish(jax.lax.scan(body, x_T, (steps, xs)), x_T, return_states)
 
 
 # ----------------------------------------------------------------------------------------------
