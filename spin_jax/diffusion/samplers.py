@@ -1,13 +1,21 @@
-"""DPM-Solver++ (multistep) and DDIM as pure functions: the whole loop is one ``lax.scan``.
+"""Diffusers' samplers as pure functions: the whole loop is one ``lax.scan``.
 
-Both follow diffusers' ``DPMSolverMultistepScheduler`` / ``DDIMScheduler`` (as ``from_config``
-builds them from the model's scheduler config) step for step: the timesteps, noise levels and
-update coefficients are computed on the host, in float32 with the same operations diffusers
-uses, when the sampler is traced, and enter the compiled loop as constant per-step tables. The
-loop body is then one model call plus a few fused multiply-adds.
+DPM-Solver++ (multistep), DDIM, Euler, Euler ancestral and LCM follow diffusers'
+``DPMSolverMultistepScheduler`` / ``DDIMScheduler`` / ``EulerDiscreteScheduler`` /
+``EulerAncestralDiscreteScheduler`` / ``LCMScheduler`` (as ``from_config`` builds them from the
+model's scheduler config) step for step: the timesteps, noise levels and update coefficients
+are computed on the host, in float32 with the same operations diffusers uses, when the sampler
+is traced, and enter the compiled loop as constant per-step tables (public: ``*_timesteps``,
+``*_tables``, and the stochastic steps' Gaussians ``euler_ancestral_transition`` /
+``lcm_transition``). The loop body is then one model call plus a few fused multiply-adds.
 
-``model_fn(x, t) -> eps or v`` (as ``schedule.prediction_type`` says) takes ``x`` [B, ...] float32
-and ``t`` int32 [B]. Wrap a sampler in ``jax.jit`` with ``model_fn`` closed over.
+``model_fn(x, t) -> eps or v`` (as ``schedule.prediction_type`` says) takes ``x`` [B, ...] float32,
+exactly what diffusers' pipeline gives the UNet (the Euler samplers' ``x / sqrt(sigma^2 + 1)``),
+and ``t`` [B]: int32 for DPM-Solver++, DDIM and LCM; float32 for Euler and Euler ancestral,
+whose diffusers timesteps can be fractional (linspace spacing, Karras sigmas). ``x_T`` is
+unit-variance noise (the Euler samplers multiply it by ``init_noise_sigma``). Wrap a sampler in
+``jax.jit`` with ``model_fn`` closed over. ``default_sampler(schedule)`` names the sampler
+diffusers' pipeline would use with the config's scheduler class.
 """
 
 from __future__ import annotations
@@ -18,7 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spin_jax.diffusion.schedule import FINAL_SIGMAS_TYPES, TIMESTEP_SPACINGS, Schedule
+from spin_jax.diffusion.schedule import (
+    FINAL_SIGMAS_TYPES,
+    TIMESTEP_SPACINGS,
+    Schedule,
+    _linspace_f32,
+)
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -102,7 +115,9 @@ def dpm_solver_pp_timesteps(
     log_sigmas = np.log(sigmas_train)
     if karras:
         flipped = np.flip(sigmas_train).copy()
-        sigma_min, sigma_max = float(flipped[-1]), float(flipped[0])
+        # diffusers keeps a config's sigma_min / sigma_max as (hidden) options and reads them here.
+        sigma_min = float(flipped[-1]) if schedule.sigma_min is None else schedule.sigma_min
+        sigma_max = float(flipped[0]) if schedule.sigma_max is None else schedule.sigma_max
         rho = 7.0
         ramp = np.linspace(0, 1, num_steps)
         min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
@@ -358,4 +373,429 @@ def ddim(
     return x0
 
 
-SAMPLERS: dict[str, Callable[..., jax.Array]] = {"dpm_solver_pp": dpm_solver_pp, "ddim": ddim}
+# ----------------------------------------------------------------------------------------------
+# Custom timesteps, shared by Euler, Euler ancestral and LCM
+
+
+def check_timesteps(timesteps, schedule: Schedule) -> np.ndarray:
+    """Validates custom ``timesteps`` (integers, strictly descending, in [0, T)); int64 [S]."""
+    if isinstance(timesteps, jax.core.Tracer):
+        raise ValueError("timesteps must be concrete (a list or numpy array), not a traced value")
+    try:
+        raw = np.asarray(timesteps)
+    except (TypeError, ValueError):
+        raise ValueError(f"timesteps={timesteps!r} must be a list of integers") from None
+    if raw.ndim != 1 or raw.shape[0] == 0:
+        raise ValueError(f"timesteps={timesteps!r} must be a non-empty 1-D list of integers")
+    if raw.dtype == bool or not np.issubdtype(raw.dtype, np.number):
+        raise ValueError(f"timesteps={timesteps!r} must be integers")
+    values = raw.tolist()
+    for v in values:
+        if not float(v).is_integer():
+            raise ValueError(f"timesteps={values} has the non-integer value {v!r}")
+    ts = raw.astype(np.int64)
+    T = schedule.num_train_timesteps
+    for v in ts.tolist():
+        if not 0 <= v < T:
+            raise ValueError(
+                f"timesteps={ts.tolist()} has {v}, outside [0, num_train_timesteps={T})"
+            )
+    for a, b in zip(ts[:-1].tolist(), ts[1:].tolist(), strict=True):
+        if a == b:
+            raise ValueError(f"timesteps={ts.tolist()} repeats {a}")
+        if b > a:
+            raise ValueError(f"timesteps={ts.tolist()} must be descending ({a} then {b})")
+    return ts
+
+
+def _spaced_timesteps(schedule: Schedule, num_steps: int) -> np.ndarray:
+    """float32 timesteps of the Euler schedulers' ``set_timesteps`` (class default: linspace)."""
+    num_steps = _check_steps(num_steps, schedule)
+    T = schedule.num_train_timesteps
+    spacing = _spacing(schedule, "linspace")
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, num_steps, dtype=np.float32)[::-1].copy()
+    elif spacing == "leading":
+        ratio = T // num_steps
+        ts = (np.arange(0, num_steps) * ratio).round()[::-1].copy().astype(np.float32)
+        ts += schedule.steps_offset
+    else:
+        ratio = T / num_steps
+        ts = np.arange(T, 0, -ratio).round().copy().astype(np.float32) - 1
+    if ts.min() < 0 or ts.max() > T - 1:
+        raise ValueError(
+            f"{spacing} spacing with steps_offset={schedule.steps_offset} and {num_steps} steps "
+            f"gives timesteps from {ts.min()} to {ts.max()}, outside [0, {T})"
+        )
+    return ts
+
+
+def _euler_train_sigmas(schedule: Schedule) -> np.ndarray:
+    """sqrt((1 - alpha_bar) / alpha_bar), float32, after the Euler classes' zero-SNR fix."""
+    ac = _dpm_alphas_cumprod(schedule)  # the same 2**-24 for the last alpha_bar
+    one = np.float32(1)
+    return ((one - ac) / ac) ** np.float32(0.5)
+
+
+def _init_noise_sigma(schedule: Schedule, sigmas: np.ndarray) -> np.float32:
+    """What the Euler schedulers multiply unit noise by: max sigma, or sqrt(max^2 + 1) (leading)."""
+    top = np.max(sigmas).astype(np.float32)
+    if _spacing(schedule, "linspace") == "leading":
+        return (top**2 + np.float32(1)) ** np.float32(0.5)
+    return top
+
+
+def _noise_source(key, noises, n: int, x_T: jax.Array, name: str):
+    """Step i's noise: ``noises[i]`` if given, else ``normal(fold_in(key, i))``."""
+    if noises is not None:
+        noises = jnp.asarray(noises, jnp.float32)
+        if noises.shape != (n, *x_T.shape):
+            raise ValueError(
+                f"{name}: noises has shape {noises.shape}, expected {(n, *x_T.shape)} "
+                f"(one noise per step, each shaped like x_T)"
+            )
+        return lambda i: noises[i]
+    if key is None:
+        raise ValueError(f"{name} is stochastic: pass key= (a PRNG key) or noises=")
+    return lambda i: jax.random.normal(jax.random.fold_in(key, i), x_T.shape, jnp.float32)
+
+
+def _x0_from_sigma_space(out, x, row, eps_pred: bool):
+    """x0 predicted by the Euler schedulers' ``step`` (x is the unscaled, sigma-space sample)."""
+    if eps_pred:
+        return x - row["sigma"] * out
+    return out * row["v_out"] + x / row["v_div"]
+
+
+def _finish(scanned, start: jax.Array, return_states: bool):
+    """x0, or (x0, states float32 [S + 1, *x_T.shape]): states[0] is the sampler's starting
+    sample (x_T times init_noise_sigma for Euler), states[i + 1] the sample after step i, so
+    step i's transition is states[i] -> states[i + 1] at the tables' row i."""
+    x0, states = scanned
+    if not return_states:
+        return x0
+    return x0, jnp.concatenate([start[None], states], axis=0)
+
+
+def _euler_rows(ts: np.ndarray, sigmas: np.ndarray) -> dict[str, np.ndarray]:
+    sig = sigmas[: len(ts)].astype(np.float32)
+    one = np.float32(1)
+    scale = (sig**2 + one) ** np.float32(0.5)
+    return {
+        "t": ts.astype(np.float32),
+        "sigma": sig,
+        "scale": scale,  # model input is x / scale
+        "v_out": -sig / scale,
+        "v_div": sig**2 + one,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Euler (EulerDiscreteScheduler)
+
+
+def euler_timesteps(
+    schedule: Schedule, num_steps: int = 4, timesteps=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps float32 [S], sigmas float32 [S + 1]) as ``EulerDiscreteScheduler.set_timesteps``.
+
+    The timesteps are what the UNet receives; they are fractional for ``linspace`` spacing (e.g.
+    7 steps of 1000), Karras sigmas and ``timestep_type="continuous"`` (then 0.25 log sigma, with
+    v-prediction), so they stay float32. ``interpolation_type="log_linear"`` gives S + 2 sigmas,
+    as diffusers does (the last step then ends at the smallest training sigma).
+    """
+    continuous = (
+        schedule.timestep_type == "continuous" and schedule.prediction_type == "v_prediction"
+    )
+    if timesteps is not None:
+        if schedule.use_karras_sigmas:
+            raise ValueError("timesteps cannot be given with use_karras_sigmas=True (as diffusers)")
+        if continuous:
+            raise ValueError(
+                "timesteps cannot be given with timestep_type='continuous' and v_prediction "
+                "(as diffusers)"
+            )
+        ts = check_timesteps(timesteps, schedule).astype(np.float32)
+    else:
+        ts = _spaced_timesteps(schedule, num_steps)
+    n = len(ts)
+    T = schedule.num_train_timesteps
+    ac = _dpm_alphas_cumprod(schedule)
+    train = _euler_train_sigmas(schedule)
+    log_sigmas = np.log(train)
+    if schedule.interpolation_type == "linear":
+        sigmas = np.interp(ts, np.arange(0, T), train)
+    else:  # log_linear: geometric from the largest to the smallest training sigma
+        sigmas = np.exp(_linspace_f32(float(np.log(train[-1])), float(np.log(train[0])), n + 1))
+    if schedule.use_karras_sigmas:
+        sigma_min = float(sigmas[-1]) if schedule.sigma_min is None else schedule.sigma_min
+        sigma_max = float(sigmas[0]) if schedule.sigma_max is None else schedule.sigma_max
+        rho = 7.0
+        ramp = np.linspace(0, 1, n)
+        min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+        sigmas = (max_inv + ramp * (min_inv - max_inv)) ** rho
+        ts = _sigma_to_t(sigmas, log_sigmas)
+    one = np.float32(1)
+    if schedule.final_sigmas_type == "sigma_min":
+        sigma_last = ((one - ac[0]) / ac[0]) ** np.float32(0.5)
+    else:
+        sigma_last = 0.0
+    sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
+    if continuous:
+        ts = np.float32(0.25) * np.log(sigmas[:n])
+    return ts.astype(np.float32), sigmas
+
+
+def euler_tables(schedule: Schedule, num_steps: int = 4, timesteps=None) -> dict[str, np.ndarray]:
+    """Per-step float32 constants of ``euler``: ``t`` (UNet timestep), ``sigma``, ``scale``
+    (model input = x / scale), ``v_out``, ``v_div`` (x0 = out v_out + x / v_div for v-prediction),
+    ``dt`` (sigma_next - sigma); ``init_noise_sigma`` is a 0-d entry."""
+    ts, sigmas = euler_timesteps(schedule, num_steps, timesteps)
+    rows = _euler_rows(ts, sigmas)
+    rows["dt"] = (sigmas[1 : len(ts) + 1] - rows["sigma"]).astype(np.float32)
+    rows["init_noise_sigma"] = np.asarray(_init_noise_sigma(schedule, sigmas), np.float32)
+    return rows
+
+
+def euler(
+    model_fn: ModelFn,
+    x_T: jax.Array,
+    schedule: Schedule,
+    num_steps: int = 4,
+    *,
+    timesteps=None,
+    return_states: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Deterministic Euler in sigma space (``EulerDiscreteScheduler``, s_churn = 0) to x_0.
+
+    ``x_T`` is unit-variance noise [B, ...]; it is scaled by ``init_noise_sigma`` here.
+    ``model_fn(x / sqrt(sigma^2 + 1), t)`` gets float32 ``t`` [B] (see ``euler_timesteps``).
+    ``timesteps`` (integers, descending), if given, replace the spaced ones and ``num_steps``
+    (as diffusers' pipelines do). ``return_states``: also return the trajectory (``_states``).
+    """
+    tables = euler_tables(schedule, num_steps, timesteps)
+    init = tables.pop("init_noise_sigma")
+    eps_pred = schedule.prediction_type == "epsilon"
+    x_T = jnp.asarray(x_T, jnp.float32)
+    batch = x_T.shape[0]
+
+    def body(x, row):
+        out = model_fn(x / row["scale"], jnp.full((batch,), row["t"], jnp.float32))
+        x0 = _x0_from_sigma_space(out.astype(jnp.float32), x, row, eps_pred)
+        d = (x - x0) / row["sigma"]
+        x = x + d * row["dt"]
+        return x, x if return_states else None
+
+    xs = {k: jnp.asarray(v) for k, v in tables.items()}
+    return _finish(jax.lax.scan(body, x_T * init, xs), x_T * init, return_states)
+
+
+# ----------------------------------------------------------------------------------------------
+# Euler ancestral (EulerAncestralDiscreteScheduler)
+
+
+def euler_ancestral_timesteps(
+    schedule: Schedule, num_steps: int = 4, timesteps=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps float32 [S], sigmas float32 [S + 1]) as
+    ``EulerAncestralDiscreteScheduler.set_timesteps``: linear interpolation, last sigma 0 (the
+    class has no Karras, final-sigma or interpolation options). Its ``set_timesteps`` takes no
+    custom timesteps; given ``timesteps`` are used as EulerDiscreteScheduler would."""
+    if timesteps is not None:
+        ts = check_timesteps(timesteps, schedule).astype(np.float32)
+    else:
+        ts = _spaced_timesteps(schedule, num_steps)
+    train = _euler_train_sigmas(schedule)
+    sigmas = np.interp(ts, np.arange(0, schedule.num_train_timesteps), train)
+    return ts, np.concatenate([sigmas, [0.0]]).astype(np.float32)
+
+
+def euler_ancestral_tables(
+    schedule: Schedule, num_steps: int = 4, timesteps=None
+) -> dict[str, np.ndarray]:
+    """Per-step float32 constants of ``euler_ancestral``: those of ``euler_tables`` with ``dt =
+    sigma_down - sigma``, plus ``sigma_up`` and ``sigma_down``. Step i draws
+    ``x' ~ N(x + (x - x0) / sigma * dt, sigma_up^2 I)``."""
+    ts, sigmas = euler_ancestral_timesteps(schedule, num_steps, timesteps)
+    rows = _euler_rows(ts, sigmas)
+    s_from, s_to = sigmas[:-1], sigmas[1:]
+    with np.errstate(invalid="ignore"):
+        up = (s_to**2 * (s_from**2 - s_to**2) / s_from**2) ** np.float32(0.5)
+        down = (s_to**2 - up**2) ** np.float32(0.5)
+    rows["sigma_up"] = up.astype(np.float32)
+    rows["sigma_down"] = down.astype(np.float32)
+    rows["dt"] = (down - s_from).astype(np.float32)
+    rows["init_noise_sigma"] = np.asarray(_init_noise_sigma(schedule, sigmas), np.float32)
+    return rows
+
+
+def euler_ancestral_transition(
+    schedule: Schedule, row: dict, x: jax.Array, model_out: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(mean, std) of the Gaussian step ``x -> x'`` given the model output at ``x`` (the
+    unscaled sample; the model saw ``x / row["scale"]`` and ``row["t"]``). ``row``: one step of
+    ``euler_ancestral_tables`` (numpy or JAX values; index the tables with a traced step)."""
+    x0 = _x0_from_sigma_space(model_out, x, row, schedule.prediction_type == "epsilon")
+    d = (x - x0) / row["sigma"]
+    return x + d * row["dt"], row["sigma_up"]
+
+
+def euler_ancestral(
+    model_fn: ModelFn,
+    x_T: jax.Array,
+    schedule: Schedule,
+    num_steps: int = 4,
+    *,
+    timesteps=None,
+    key: jax.Array | None = None,
+    noises: jax.Array | None = None,
+    return_states: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Euler ancestral (``EulerAncestralDiscreteScheduler``) from unit noise ``x_T`` to x_0.
+
+    Step i adds ``noises[i]`` ([S, *x_T.shape]) if given, else ``normal(fold_in(key, i))``,
+    scaled by sigma_up (0 at the last step). ``model_fn`` gets float32 ``t`` [B].
+    ``return_states``: also return the trajectory (see ``euler``).
+    """
+    tables = euler_ancestral_tables(schedule, num_steps, timesteps)
+    init = tables.pop("init_noise_sigma")
+    x_T = jnp.asarray(x_T, jnp.float32)
+    noise = _noise_source(key, noises, len(tables["t"]), x_T, "euler_ancestral")
+    batch = x_T.shape[0]
+
+    def body(x, step):
+        i, row = step
+        out = model_fn(x / row["scale"], jnp.full((batch,), row["t"], jnp.float32))
+        mean, std = euler_ancestral_transition(schedule, row, x, out.astype(jnp.float32))
+        x = mean + noise(i) * std
+        return x, x if return_states else None
+
+    xs = {k: jnp.asarray(v) for k, v in tables.items()}
+    steps = jnp.arange(len(tables["t"]), dtype=jnp.int32)
+    return _finish(jax.lax.scan(body, x_T * init, (steps, xs)), x_T * init, return_states)
+
+
+# ----------------------------------------------------------------------------------------------
+# LCM (LCMScheduler)
+
+
+def lcm_timesteps(schedule: Schedule, num_steps: int = 4, timesteps=None) -> np.ndarray:
+    """Timesteps (int64 [S]) as ``LCMScheduler.set_timesteps``: ``num_steps`` picked evenly
+    from the ``original_inference_steps`` distillation timesteps ``k, 2k, ... - 1`` (k = T //
+    original_inference_steps), or the custom ``timesteps`` (e.g. DMD2's [999, 749, 499, 249])."""
+    if timesteps is not None:
+        return check_timesteps(timesteps, schedule)
+    num_steps = _check_steps(num_steps, schedule)
+    original = schedule.original_inference_steps
+    T = schedule.num_train_timesteps
+    if original > T:
+        raise ValueError(f"original_inference_steps={original} exceeds num_train_timesteps={T}")
+    if num_steps > original:
+        raise ValueError(
+            f"num_steps={num_steps} exceeds original_inference_steps={original}: LCM picks its "
+            "steps from the distillation schedule"
+        )
+    k = T // original
+    origin = (np.arange(1, original + 1) * k - 1)[::-1].copy()
+    idx = np.floor(np.linspace(0, len(origin), num=num_steps, endpoint=False)).astype(np.int64)
+    return origin[idx].astype(np.int64)
+
+
+def lcm_tables(schedule: Schedule, num_steps: int = 4, timesteps=None) -> dict[str, np.ndarray]:
+    """Per-step constants of ``lcm``: ``t`` (int32), ``sqrt_a``, ``sqrt_b`` (of alpha_bar_t),
+    ``c_skip``, ``c_out`` and the re-noising ``mean_scale`` = sqrt(alpha_bar_prev), ``std`` =
+    sqrt(1 - alpha_bar_prev); the last step has ``mean_scale`` 1, ``std`` 0 (no noise)."""
+    ts = lcm_timesteps(schedule, num_steps, timesteps)
+    ac = schedule.alphas_cumprod
+    one = np.float32(1)
+    prev = np.concatenate([ts[1:], ts[-1:]])  # diffusers: the last step's "previous" is itself
+    a_t, a_prev = ac[ts], ac[prev]
+    scaled = ts.astype(np.float32) * np.float32(schedule.timestep_scaling)
+    sd2 = np.float32(0.5**2)
+    last = np.arange(len(ts)) == len(ts) - 1
+    return {
+        "t": ts.astype(np.int32),
+        "sqrt_a": np.sqrt(a_t),
+        "sqrt_b": np.sqrt(one - a_t),
+        "c_skip": sd2 / (scaled**2 + sd2),
+        "c_out": scaled / (scaled**2 + sd2) ** np.float32(0.5),
+        "mean_scale": np.where(last, one, np.sqrt(a_prev)).astype(np.float32),
+        "std": np.where(last, np.float32(0), np.sqrt(one - a_prev)).astype(np.float32),
+    }
+
+
+def lcm_transition(
+    schedule: Schedule, row: dict, x: jax.Array, model_out: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(mean, std) of the LCM step ``x -> x' = sqrt(ab') denoised + sqrt(1 - ab') z`` given the
+    model output at (``x``, ``row["t"]``); ``row``: one step of ``lcm_tables``. The last step is
+    deterministic (std 0, mean = the consistency model's denoised sample)."""
+    if schedule.prediction_type == "epsilon":
+        x0 = (x - row["sqrt_b"] * model_out) / row["sqrt_a"]
+    else:
+        x0 = row["sqrt_a"] * x - row["sqrt_b"] * model_out
+    if schedule.clip_sample:  # LCMScheduler's default is False (None here)
+        x0 = jnp.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
+    denoised = row["c_out"] * x0 + row["c_skip"] * x
+    return row["mean_scale"] * denoised, row["std"]
+
+
+def lcm(
+    model_fn: ModelFn,
+    x_T: jax.Array,
+    schedule: Schedule,
+    num_steps: int = 4,
+    *,
+    timesteps=None,
+    key: jax.Array | None = None,
+    noises: jax.Array | None = None,
+    return_states: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Latent consistency sampling (``LCMScheduler``) from unit noise ``x_T`` to x_0.
+
+    ``model_fn(x, t)`` gets the unscaled sample and int32 ``t`` [B]. Every step but the last
+    re-noises the denoised sample with ``noises[i]`` ([S, *x_T.shape]) if given, else
+    ``normal(fold_in(key, i))``. ``timesteps``, if given, replace ``num_steps``.
+    ``return_states``: also return the trajectory (see ``euler``).
+    """
+    tables = lcm_tables(schedule, num_steps, timesteps)
+    x_T = jnp.asarray(x_T, jnp.float32)
+    noise = _noise_source(key, noises, len(tables["t"]), x_T, "lcm")
+    batch = x_T.shape[0]
+
+    def body(x, step):
+        i, row = step
+        out = model_fn(x, jnp.full((batch,), row["t"], jnp.int32))
+        mean, std = lcm_transition(schedule, row, x, out.astype(jnp.float32))
+        x = mean + std * noise(i)
+        return x, x if return_states else None
+
+    xs = {k: jnp.asarray(v) for k, v in tables.items()}
+    steps = jnp.arange(len(tables["t"]), dtype=jnp.int32)
+    return _finish(jax.lax.scan(body, x_T, (steps, xs)), x_T, return_states)
+
+
+# ----------------------------------------------------------------------------------------------
+
+SAMPLERS: dict[str, Callable[..., jax.Array]] = {
+    "dpm_solver_pp": dpm_solver_pp,
+    "ddim": ddim,
+    "euler": euler,
+    "euler_ancestral": euler_ancestral,
+    "lcm": lcm,
+}
+
+_DEFAULT_SAMPLERS = {
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral",
+    "LCMScheduler": "lcm",
+    "DDIMScheduler": "ddim",
+    "DPMSolverMultistepScheduler": "dpm_solver_pp",
+}
+
+
+def default_sampler(schedule: Schedule) -> str:
+    """The ``SAMPLERS`` name of the sampler diffusers' pipeline would use with the model's own
+    scheduler class; DPM-Solver++ for the other DDPM-family classes (PNDM, DDPM, ...) and for
+    configs without ``_class_name``."""
+    return _DEFAULT_SAMPLERS.get(schedule.class_name, "dpm_solver_pp")

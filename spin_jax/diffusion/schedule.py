@@ -11,7 +11,8 @@ the host at trace time.
 Options that only one diffusers scheduler class has (``timestep_spacing``, ``set_alpha_to_one``,
 ``clip_sample``) are ``None`` when the config does not set them: diffusers then uses the default
 of the class the config is loaded into (``DPMSolverMultistepScheduler.from_config`` and
-``DDIMScheduler.from_config`` differ), and so do the samplers.
+``DDIMScheduler.from_config`` differ), and so do the samplers. ``class_name`` is the config's
+``_class_name``; a class outside diffusers' DDPM family (flow matching, ...) is an error.
 """
 
 from __future__ import annotations
@@ -28,6 +29,34 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+INTERPOLATION_TYPES = ("linear", "log_linear")
+TIMESTEP_TYPES = ("discrete", "continuous")
+# diffusers' scheduler classes that read the DDPM beta schedule this module builds. Any of them
+# may name a model's scheduler; the sampler diffusers' pipeline would then use is
+# ``samplers.default_sampler``'s business.
+DDPM_FAMILY = (
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "DPMSolverSDEScheduler",
+    "DEISMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "SASolverScheduler",
+    "LCMScheduler",
+    "TCDScheduler",
+    "DDIMParallelScheduler",
+    "DDPMParallelScheduler",
+)
+# Classes whose beta schedule defaults are Stable Diffusion's rather than DDPM's.
+_SD_BETA_DEFAULTS = {"LCMScheduler", "TCDScheduler"}
 # diffusers' DPMSolverMultistepScheduler maps these solver types of other classes to midpoint.
 _SOLVER_TYPES = {"midpoint": "midpoint", "heun": "heun", "logrho": "midpoint", "bh1": "midpoint",
                  "bh2": "midpoint"}  # fmt: skip
@@ -45,10 +74,7 @@ _MUST_BE = {
     "use_flow_sigmas": (False,),
     "use_dynamic_shifting": (False,),
     "invert_sigmas": (False,),
-    "sigma_min": (None,),
-    "sigma_max": (None,),
     "shift_terminal": (None,),
-    "timestep_type": ("discrete",),
     "rho": (7.0,),
 }
 # Options that steer only another scheduler's own update rule (PNDM's PRK steps, UniPC's
@@ -62,9 +88,6 @@ _IGNORED = {
     "disable_corrector",
     "flow_shift",
     "time_shift_type",
-    "interpolation_type",
-    "original_inference_steps",
-    "timestep_scaling",
     "base_shift",
     "max_shift",
     "base_image_seq_len",
@@ -96,6 +119,15 @@ class Schedule:
     use_karras_sigmas: bool = False
     final_sigmas_type: str = "zero"
     lambda_min_clipped: float = -math.inf
+    # Euler (EulerDiscreteScheduler) and LCM (LCMScheduler) options.
+    interpolation_type: str = "linear"
+    timestep_type: str = "discrete"
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    original_inference_steps: int = 50
+    timestep_scaling: float = 10.0
+    # The config's ``_class_name`` (None when it has none): picks ``samplers.default_sampler``.
+    class_name: str | None = None
 
     def __post_init__(self):
         ac = np.array(self.alphas_cumprod, dtype=np.float32).reshape(-1)
@@ -240,6 +272,12 @@ _HANDLED = {
     "use_karras_sigmas",
     "final_sigmas_type",
     "lambda_min_clipped",
+    "interpolation_type",
+    "timestep_type",
+    "sigma_min",
+    "sigma_max",
+    "original_inference_steps",
+    "timestep_scaling",
 }
 
 
@@ -253,6 +291,11 @@ def schedule_from_config(config: dict, source: str = "scheduler/scheduler_config
     """
     if not isinstance(config, dict):
         raise ValueError(f"{source}: a scheduler config must be a JSON object, got {type(config)}")
+    class_name = config.get("_class_name")
+    if class_name is not None and class_name not in DDPM_FAMILY:
+        raise _bad(source, "_class_name", class_name,
+                   "is not a diffusers DDPM-family scheduler spin_jax can sample with "
+                   f"(one of {list(DDPM_FAMILY)})")  # fmt: skip
     defaulted = set(config.get("_use_default_values") or ())
     cfg = {k: v for k, v in config.items() if not k.startswith("_") and k not in defaulted}
     for key, value in cfg.items():
@@ -266,7 +309,10 @@ def schedule_from_config(config: dict, source: str = "scheduler/scheduler_config
     n = _get(cfg, "num_train_timesteps", 1000, int, source)
     if n < 2:
         raise _bad(source, "num_train_timesteps", n, "must be >= 2")
-    beta_schedule = _get(cfg, "beta_schedule", "linear", BETA_SCHEDULES, source)
+    sd_betas = class_name in _SD_BETA_DEFAULTS
+    beta_schedule = _get(
+        cfg, "beta_schedule", "scaled_linear" if sd_betas else "linear", BETA_SCHEDULES, source
+    )
     trained = cfg.get("trained_betas")
     if trained is not None:
         try:
@@ -285,8 +331,8 @@ def schedule_from_config(config: dict, source: str = "scheduler/scheduler_config
     rescale = _get(cfg, "rescale_betas_zero_snr", False, bool, source)
     betas = make_betas(
         n,
-        _get(cfg, "beta_start", 0.0001, float, source),
-        _get(cfg, "beta_end", 0.02, float, source),
+        _get(cfg, "beta_start", 0.00085 if sd_betas else 0.0001, float, source),
+        _get(cfg, "beta_end", 0.012 if sd_betas else 0.02, float, source),
         beta_schedule,
         trained,
         rescale,
@@ -311,6 +357,18 @@ def schedule_from_config(config: dict, source: str = "scheduler/scheduler_config
     clip_range = _get(cfg, "clip_sample_range", 1.0, float, source)
     if clip_range <= 0:
         raise _bad(source, "clip_sample_range", clip_range, "must be > 0")
+    sigma_min = _get(cfg, "sigma_min", None, float, source)
+    sigma_max = _get(cfg, "sigma_max", None, float, source)
+    for key, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
+        if value is not None and not value > 0:
+            raise _bad(source, key, value, "must be > 0")
+    original_steps = _get(cfg, "original_inference_steps", 50, int, source)
+    if not 1 <= original_steps <= n:
+        raise _bad(source, "original_inference_steps", original_steps,
+                   f"must be in [1, num_train_timesteps={n}]")  # fmt: skip
+    timestep_scaling = _get(cfg, "timestep_scaling", 10.0, float, source)
+    if not timestep_scaling > 0:
+        raise _bad(source, "timestep_scaling", timestep_scaling, "must be > 0")
     return Schedule(
         alphas_cumprod=alphas_cumprod,
         prediction_type=prediction_type,
@@ -328,6 +386,13 @@ def schedule_from_config(config: dict, source: str = "scheduler/scheduler_config
         use_karras_sigmas=_get(cfg, "use_karras_sigmas", False, bool, source),
         final_sigmas_type=_get(cfg, "final_sigmas_type", "zero", FINAL_SIGMAS_TYPES, source),
         lambda_min_clipped=_get(cfg, "lambda_min_clipped", -math.inf, float, source),
+        interpolation_type=_get(cfg, "interpolation_type", "linear", INTERPOLATION_TYPES, source),
+        timestep_type=_get(cfg, "timestep_type", "discrete", TIMESTEP_TYPES, source),
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        original_inference_steps=original_steps,
+        timestep_scaling=timestep_scaling,
+        class_name=class_name,
     )
 
 
