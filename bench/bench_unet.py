@@ -3,6 +3,12 @@
     python bench/bench_unet.py                      # tiny on CPU, SD 1.5 size on a GPU
     python bench/bench_unet.py --size sd15 --dtypes bfloat16 --batch_sizes 8,16,32
     python bench/bench_unet.py --shapes             # SD 1.5 parameter counts and FLOPs only
+    python bench/bench_unet.py --size sdxl          # SDXL: the same, abstractly, off a GPU
+
+``--size sdxl --shapes`` (what ``--size sdxl`` does off a GPU: no full-size SDXL forward runs on a
+CPU) prints the SDXL base UNet's parameter count next to diffusers' (counted on the ``meta``
+device) and the TFLOP of one forward at 128x128 latents, batch 2, from XLA's cost analysis of
+the lowered function with abstract parameters (nothing is allocated).
 
 One JSON line per measurement: impl, dtype, batch, mode (forward | train = forward+backward),
 seconds per iteration, images/s, TFLOP per image (XLA cost analysis of our jitted function,
@@ -26,7 +32,11 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from spin_jax.models import presets  # noqa: E402
-from spin_jax.models.unet import unet_from_config, unet_param_shapes  # noqa: E402
+from spin_jax.models.unet import (  # noqa: E402
+    unet_dummy_inputs,
+    unet_from_config,
+    unet_param_shapes,
+)
 from spin_jax.models.vae import vae_from_config, vae_param_shapes  # noqa: E402
 
 TINY_UNET = {
@@ -38,9 +48,22 @@ TINY_UNET = {
     "attention_head_dim": 4,
     "norm_num_groups": 8,
 }
+# SDXL's layout (plain first block, text_time added conditioning), tiny.
+TINY_SDXL_UNET = {
+    **TINY_UNET,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 1, 2],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 16,
+    "projection_class_embeddings_input_dim": 32 + 6 * 16,
+}
 SIZES = {  # config, latent size, context length
     "tiny": (TINY_UNET, 32, 77),
+    "tiny_sdxl": (TINY_SDXL_UNET, 32, 77),
     "sd15": (presets.SD15_UNET, 64, 77),
+    "sdxl": (presets.SDXL_UNET, 128, 77),
 }
 # Dense peak TFLOP/s by device name and dtype (tensor cores, no sparsity).
 PEAK_TFLOPS = {
@@ -81,6 +104,55 @@ def random_params(shapes, seed: int = 0):
     return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
+def diffusers_param_count(config) -> int | None:
+    """Parameters of diffusers' UNet2DConditionModel(**config), built on the meta device."""
+    try:
+        import torch
+        from diffusers import UNet2DConditionModel
+    except ImportError as e:
+        print(f"# diffusers count skipped: {e}", flush=True)
+        return None
+    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = UNet2DConditionModel(**kwargs)
+    return sum(p.numel() for p in model.parameters())
+
+
+def sdxl_shapes_report(batch: int = 2, latent: int = 128, ctx_len: int = 77) -> None:
+    """SDXL base UNet at full size, abstractly: parameter count and lowered FLOPs."""
+    config = presets.SDXL_UNET
+    unet = unet_from_config(config)
+    shapes = unet_param_shapes(unet)
+    ours = count(shapes)
+    ref = diffusers_param_count(config)
+    emit(
+        what="sdxl_unet_params",
+        count=ours,
+        millions=round(ours / 1e6, 2),
+        diffusers_count=ref,
+        equal=None if ref is None else ref == ours,
+    )
+    args = unet_dummy_inputs(unet, batch=batch, size=latent, context_len=ctx_len)
+
+    def unet_fwd(p, *a):
+        return unet.apply({"params": p}, *a)
+
+    start = time.perf_counter()
+    cost = jax.jit(unet_fwd).lower(shapes, *args).cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    tflop = float(cost.get("flops", float("nan"))) / 1e12
+    emit(
+        what=f"sdxl_unet_forward_{latent}x{latent}",
+        batch=batch,
+        context_len=ctx_len,
+        tflop_per_forward=round(tflop, 4),
+        tflop_per_image=round(tflop / batch, 4),
+        source="lowered cost_analysis",
+        seconds=round(time.perf_counter() - start, 1),
+    )
+
+
 def shapes_report() -> None:
     """SD 1.5 at full size, abstractly: parameter counts and compiled FLOPs, nothing executed."""
     unet = unet_from_config(presets.SD15_UNET)
@@ -118,6 +190,20 @@ def shapes_report() -> None:
     emit(what="sd15_vae_decode_512", tflop_per_image=round(cost(decode, vp, x), 4))
 
 
+def added_cond(config, batch: int, latent: int) -> dict[str, np.ndarray] | None:
+    """SDXL's added conditioning: random pooled embeddings, time ids (H, W, 0, 0, H, W)."""
+    if config.get("addition_embed_type") != "text_time":
+        return None
+    a = config["addition_time_embed_dim"]
+    pooled = config["projection_class_embeddings_input_dim"] - 6 * a
+    rng = np.random.default_rng(2)
+    size = 8.0 * latent
+    return {
+        "text_embeds": rng.standard_normal((batch, pooled), dtype=np.float32),
+        "time_ids": np.tile(np.float32([size, size, 0, 0, size, size]), (batch, 1)),
+    }
+
+
 def bench_jax(config, dtype, batch, latent, ctx_len, attention_impl, remat, steps, modes, peak):
     model = unet_from_config(
         config, dtype=jnp.dtype(dtype), attention_impl=attention_impl, remat=remat
@@ -127,22 +213,24 @@ def bench_jax(config, dtype, batch, latent, ctx_len, attention_impl, remat, step
     x = jnp.asarray(rng.standard_normal((batch, latent, latent, 4), dtype=np.float32))
     t = jnp.asarray(rng.integers(0, 1000, batch), jnp.int32)
     ctx = jnp.asarray(rng.standard_normal((batch, ctx_len, model.context_dim), dtype=np.float32))
+    cond = added_cond(config, batch, latent)
+    cond = None if cond is None else jax.tree.map(jnp.asarray, cond)
 
-    def forward(p, x, t, c):
-        return model.apply({"params": p}, x, t, c)
+    def forward(p, x, t, c, cond):
+        return model.apply({"params": p}, x, t, c, cond)
 
-    def train(p, x, t, c):
-        return jax.grad(lambda p: jnp.mean(model.apply({"params": p}, x, t, c) ** 2))(p)
+    def train(p, x, t, c, cond):
+        return jax.grad(lambda p: jnp.mean(model.apply({"params": p}, x, t, c, cond) ** 2))(p)
 
     for mode in modes:
         fn = jax.jit(forward if mode == "forward" else train)
-        compiled = fn.lower(params, x, t, ctx).compile()
+        compiled = fn.lower(params, x, t, ctx, cond).compile()
         tflop = flops_of(compiled) / 1e12 / batch
         for _ in range(2):  # warm-up, excluded
-            jax.block_until_ready(compiled(params, x, t, ctx))
+            jax.block_until_ready(compiled(params, x, t, ctx, cond))
         start = time.perf_counter()
         for _ in range(steps):
-            out = compiled(params, x, t, ctx)
+            out = compiled(params, x, t, ctx, cond)
         jax.block_until_ready(out)
         sec = (time.perf_counter() - start) / steps
         ips = batch / sec
@@ -178,6 +266,9 @@ def bench_torch(config, dtype, batch, latent, ctx_len, steps, modes, tflops, pea
     t = torch.randint(0, 1000, (batch,), device=device)
     ctx = torch.randn(batch, ctx_len, model.config.cross_attention_dim, device=device)
     ctx = ctx.to(tdtype[dtype])
+    cond = added_cond(config, batch, latent)
+    if cond is not None:
+        cond = {k: torch.from_numpy(v).to(device, tdtype[dtype]) for k, v in cond.items()}
 
     def sync():
         if device == "cuda":
@@ -186,10 +277,10 @@ def bench_torch(config, dtype, batch, latent, ctx_len, steps, modes, tflops, pea
     def step(mode):
         if mode == "forward":
             with torch.no_grad():
-                model(x, t, ctx)
+                model(x, t, ctx, added_cond_kwargs=cond)
         else:
             model.zero_grad(set_to_none=True)
-            model(x, t, ctx).sample.float().pow(2).mean().backward()
+            model(x, t, ctx, added_cond_kwargs=cond).sample.float().pow(2).mean().backward()
 
     for mode in modes:
         model.train(mode != "forward")
@@ -218,7 +309,12 @@ def bench_torch(config, dtype, batch, latent, ctx_len, steps, modes, tflops, pea
 def main(argv=None) -> None:
     on_gpu = jax.default_backend() == "gpu"
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="sd15" if on_gpu else "tiny")
+    parser.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default=None,
+        help="default: sd15 on a GPU, else tiny (with --shapes: sd15)",
+    )
     parser.add_argument("--batch_sizes", default="1,4,8" if on_gpu else "1,2")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument(
@@ -231,12 +327,23 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=10 if on_gpu else 3)
     parser.add_argument("--remat", action="store_true", help="rematerialise blocks (training)")
     parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch side")
-    parser.add_argument("--shapes", action="store_true", help="SD 1.5 shapes and FLOPs only")
+    parser.add_argument(
+        "--shapes", action="store_true", help="shapes and FLOPs only (SD 1.5, or --size sdxl)"
+    )
     args = parser.parse_args(argv)
 
+    if args.size == "sdxl" and not (args.shapes or on_gpu):
+        print("# --size sdxl off a GPU: shapes and FLOPs only (no full-size forward)", flush=True)
+        args.shapes = True
     if args.shapes:
-        shapes_report()
+        if args.size == "sdxl":
+            sdxl_shapes_report()
+        elif args.size in (None, "sd15"):
+            shapes_report()
+        else:
+            parser.error(f"--shapes: only for --size sd15 or sdxl, not {args.size!r}")
         return
+    args.size = args.size or ("sd15" if on_gpu else "tiny")
     config, latent, ctx_len = SIZES[args.size]
     device = jax.devices()[0]
     device_name = getattr(device, "device_kind", str(device))

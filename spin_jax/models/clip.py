@@ -6,6 +6,8 @@ with no model-specific renames: ``text_model.encoder.layers.3.self_attn.q_proj.w
 
 - :class:`CLIPTextModel`: the Stable Diffusion text encoder (``text_encoder/``), and the text
   tower of :class:`CLIPModel`.
+- :class:`CLIPTextModelWithProjection`: SDXL's second text encoder (``text_encoder_2/``,
+  OpenCLIP bigG): the text tower plus ``text_projection`` of the pooled output.
 - :class:`CLIPVisionModel`: the image tower; images are NHWC floats already resized and
   normalised with the CLIP mean/std.
 - :class:`CLIPModel`: both towers with their projections and ``logit_scale`` (HF ``CLIPModel``
@@ -62,6 +64,7 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 49407
+    projection_dim: int = 512  # used by CLIPTextModelWithProjection only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +184,16 @@ def _check_impl(attention_impl: str | None) -> None:
 
 @struct.dataclass
 class CLIPTextOutput:
+    last_hidden_state: jax.Array  # [B, L, D], after final_layer_norm
+    pooler_output: jax.Array  # [B, D], the EOS position of last_hidden_state
+    hidden_states: tuple[jax.Array, ...] | None = None  # embeddings + each layer, before final LN
+
+
+@struct.dataclass
+class CLIPTextModelOutput:
+    """transformers' ``CLIPTextModelOutput`` (plus the unprojected ``pooler_output``)."""
+
+    text_embeds: jax.Array  # [B, P], text_projection(pooler_output), not normalised
     last_hidden_state: jax.Array  # [B, L, D], after final_layer_norm
     pooler_output: jax.Array  # [B, D], the EOS position of last_hidden_state
     hidden_states: tuple[jax.Array, ...] | None = None  # embeddings + each layer, before final LN
@@ -379,20 +392,72 @@ class CLIPTextModel(nn.Module):
         )(input_ids, output_hidden_states=output_hidden_states, clip_skip=clip_skip)
 
 
+class CLIPTextModelWithProjection(nn.Module):
+    """transformers ``CLIPTextModelWithProjection`` (SDXL's ``text_encoder_2``): params
+    ``text_model`` and ``text_projection`` (no bias, hidden_size -> projection_dim).
+
+    ``__call__(input_ids, output_hidden_states=False)`` -> :class:`CLIPTextModelOutput`.
+    SDXL's context is ``hidden_states[-2]`` (the penultimate layer's output, without
+    final_layer_norm) and its pooled embedding is ``text_embeds``; diffusers' SDXL ``clip_skip``
+    picks an earlier hidden state but keeps ``text_embeds`` from the full model, so there is no
+    ``clip_skip`` argument here: index ``hidden_states`` instead.
+    """
+
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
+    remat: bool = False
+
+    @nn.compact
+    def __call__(
+        self, input_ids: jax.Array, output_hidden_states: bool = False
+    ) -> CLIPTextModelOutput:
+        out = CLIPTextTransformer(
+            self.config, self.dtype, self.attention_impl, self.remat, name="text_model"
+        )(input_ids, output_hidden_states=output_hidden_states)
+        proj = _dense(self.config.projection_dim, "text_projection", self.dtype, use_bias=False)
+        return CLIPTextModelOutput(
+            proj(out.pooler_output), out.last_hidden_state, out.pooler_output, out.hidden_states
+        )
+
+
+TEXT_ARCHITECTURES = {
+    "CLIPTextModel": False,
+    "CLIPTextModelWithProjection": True,
+}
+
+
 def text_encoder_from_config(
     config: Mapping[str, Any],
     *,
     dtype: Any = jnp.float32,
     attention_impl: str | None = None,
     remat: bool = False,
+    with_projection: bool | None = None,
     source: str = "text_encoder/config.json",
-) -> CLIPTextModel:
-    """Builds a :class:`CLIPTextModel` from a transformers ``CLIPTextConfig`` JSON dict."""
+) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """Builds the text encoder from a transformers ``CLIPTextConfig`` JSON dict.
+
+    ``with_projection``: True -> :class:`CLIPTextModelWithProjection`, False ->
+    :class:`CLIPTextModel`; None (default) follows the config's ``architectures``
+    (transformers writes ``["CLIPTextModelWithProjection"]`` for SDXL's ``text_encoder_2``;
+    a config without the key builds a :class:`CLIPTextModel`).
+    """
     _check_impl(attention_impl)
-    return CLIPTextModel(text_config_from_dict(config, source=source), dtype, attention_impl, remat)
+    text_config = text_config_from_dict(config, source=source)
+    if with_projection is None:
+        archs = config.get("architectures") or []
+        if isinstance(archs, str) or not isinstance(archs, list | tuple):
+            raise _bad(source, "architectures", archs, "a list of class names")
+        known = [a for a in archs if a in TEXT_ARCHITECTURES]
+        if archs and not known:
+            raise _bad(source, "architectures", archs, f"one of {sorted(TEXT_ARCHITECTURES)}")
+        with_projection = bool(known) and TEXT_ARCHITECTURES[known[0]]
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(text_config, dtype, attention_impl, remat)
 
 
-def text_encoder_param_shapes(model: CLIPTextModel) -> Params:
+def text_encoder_param_shapes(model: CLIPTextModel | CLIPTextModelWithProjection) -> Params:
     """The params tree of ``model`` as ``jax.ShapeDtypeStruct`` leaves (no memory, no compute)."""
     ids = jnp.zeros((1, model.config.max_position_embeddings), jnp.int32)
     return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
@@ -556,10 +621,12 @@ def clip_from_config(
     return CLIPModel(clip_config_from_dict(config, source=source), dtype, attention_impl)
 
 
-def param_shapes(model: CLIPTextModel | CLIPVisionModel | CLIPModel) -> Params:
-    """Params template (``jax.ShapeDtypeStruct`` leaves) of any of the three models."""
+def param_shapes(
+    model: CLIPTextModel | CLIPTextModelWithProjection | CLIPVisionModel | CLIPModel,
+) -> Params:
+    """Params template (``jax.ShapeDtypeStruct`` leaves) of any of the four models."""
     key = jax.random.key(0)
-    if isinstance(model, CLIPTextModel):
+    if isinstance(model, CLIPTextModel | CLIPTextModelWithProjection):
         return text_encoder_param_shapes(model)
     v = model.config.vision if isinstance(model, CLIPModel) else model.config
     images = jnp.zeros((1, v.image_size, v.image_size, v.num_channels), jnp.float32)

@@ -295,12 +295,55 @@ class Transformer2DModel(nn.Module):
 
 
 class TimestepEmbedding(nn.Module):
-    """``linear_1`` -> SiLU -> ``linear_2`` on the sinusoidal embedding."""
+    """``linear_1`` -> SiLU -> ``linear_2`` on the sinusoidal embedding.
+
+    With ``cond_proj_dim`` (LCM's guidance embedding, diffusers' ``time_cond_proj_dim``) a
+    bias-free ``cond_proj`` maps ``condition`` [B, cond_proj_dim] to the input width and adds
+    it to ``x`` before ``linear_1``. As in diffusers, a missing ``condition`` skips it.
+    """
 
     dim: int
     dtype: Dtype = jnp.float32
+    cond_proj_dim: int | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, condition: jax.Array | None = None) -> jax.Array:
+        if condition is not None:
+            if self.cond_proj_dim is None:
+                raise ValueError("TimestepEmbedding got a condition but has no cond_proj_dim")
+            if condition.ndim != 2 or condition.shape != (x.shape[0], self.cond_proj_dim):
+                raise ValueError(
+                    f"timestep condition must be [{x.shape[0]}, {self.cond_proj_dim}] "
+                    f"(time_cond_proj_dim), got {tuple(condition.shape)}"
+                )
+            cond = dense(x.shape[-1], self.dtype, "cond_proj", use_bias=False)
+            x = x.astype(self.dtype) + cond(condition.astype(self.dtype))
         x = nn.silu(dense(self.dim, self.dtype, "linear_1")(x))
         return dense(self.dim, self.dtype, "linear_2")(x)
+
+
+def guidance_scale_embedding(w: jax.Array, dim: int) -> jax.Array:
+    """Sinusoidal embedding of guidance weights ``w`` [B] -> float32 [B, dim].
+
+    Equal to diffusers' ``get_guidance_scale_embedding`` (LatentConsistencyModelPipeline,
+    StableDiffusionXLPipeline; from VDM): ``w * 1000`` against ``dim // 2`` frequencies
+    ``10000 ** (-i / (dim // 2 - 1))``, sines then cosines, zero-padded when ``dim`` is odd.
+    Those pipelines pass ``w = guidance_scale - 1`` (CFG written as ``uncond + scale * (cond -
+    uncond)``, so LCM's ``w`` is one less) and ``dim = unet time_cond_proj_dim``; the result is
+    the UNet's ``timestep_cond``.
+    """
+    w = jnp.asarray(w, jnp.float32)
+    if w.ndim != 1:
+        raise ValueError(f"guidance_scale_embedding: w must be 1-D [B], got shape {w.shape}")
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 4:
+        raise ValueError(f"guidance_scale_embedding: dim must be an int >= 4, got {dim!r}")
+    half = dim // 2
+    # Frequencies rounded once from float64 (constants, the same on every backend). The
+    # arguments reach w * 1000 rad, so a one-ulp difference in a float32 frequency (torch's
+    # exp is not correctly rounded) moves the sinusoid by about |w| * 1e-4.
+    freqs = np.exp(-math.log(10000.0) / (half - 1) * np.arange(half)).astype(np.float32)
+    args = (w * 1000.0)[:, None] * jnp.asarray(freqs)[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb

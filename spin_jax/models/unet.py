@@ -1,8 +1,10 @@
-"""Stable Diffusion 1.x/2.x UNet2DConditionModel in Flax Linen (NHWC).
+"""Stable Diffusion UNet2DConditionModel (SD 1.x/2.x, SDXL, LCM) in Flax Linen (NHWC).
 
-Follows diffusers' ``UNet2DConditionModel`` for the options SD 1.x and 2.x use; submodule names
-mirror the diffusers state dict (``down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q``),
-so ``convert.torch_to_flax`` loads a diffusers checkpoint with no renames.
+Follows diffusers' ``UNet2DConditionModel`` for the options SD 1.x, 2.x and SDXL use (SDXL's
+``addition_embed_type="text_time"`` micro-conditioning, LCM's ``time_cond_proj_dim`` guidance
+embedding, per-block and per-layer ``transformer_layers_per_block``); submodule names mirror the
+diffusers state dict (``down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q``), so
+``convert.torch_to_flax`` loads a diffusers checkpoint with no renames.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from spin_jax.models.layers import (
     Transformer2DModel,
     Upsample2D,
     group_norm,
+    guidance_scale_embedding,
     timestep_embedding,
 )
 from spin_jax.platform import check_attention_impl
@@ -29,6 +32,16 @@ Dtype = Any
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+ADDITION_EMBED_TYPES = (None, "text_time")
+
+__all__ = [
+    "UNet2DConditionModel",
+    "check_added_cond_dims",
+    "guidance_scale_embedding",
+    "unet_dummy_inputs",
+    "unet_from_config",
+    "unet_param_shapes",
+]
 
 
 def _per_block(value: Any, n: int) -> tuple:
@@ -62,7 +75,8 @@ class _BlockOptions(nn.Module):
 
 class _AttnOptions(_BlockOptions):
     heads: int = 8
-    transformer_layers: int = 1
+    # One count for the block, or one per resnet/attention pair (SSD-1B-style configs).
+    transformer_layers: int | tuple[int, ...] = 1
     use_linear_projection: bool = False
     upcast_attention: bool = False
     attention_impl: str | None = None
@@ -71,7 +85,7 @@ class _AttnOptions(_BlockOptions):
         return Transformer2DModel(
             self.heads,
             self.out_channels // self.heads,
-            num_layers=self.transformer_layers,
+            num_layers=_per_block(self.transformer_layers, j + 1)[j],
             norm_num_groups=self.norm_num_groups,
             use_linear_projection=self.use_linear_projection,
             upcast=self.upcast_attention,
@@ -162,6 +176,19 @@ class UNet2DConditionModel(nn.Module):
     (rematerialise every resnet and transformer block to save training memory).
     ``attention_head_dim`` is, as in diffusers, the number of heads unless
     ``num_attention_heads`` is given.
+
+    ``__call__(sample, timesteps, encoder_hidden_states, added_cond=None, timestep_cond=None)``:
+
+    - ``added_cond`` (``addition_embed_type="text_time"``, SDXL; diffusers' ``added_cond_kwargs``):
+      ``{"text_embeds": [B, D_pool], "time_ids": [B, K]}``; each time id is embedded with
+      ``addition_time_embed_dim`` sinusoids, flattened after the pooled text embedding (so
+      ``D_pool + K * addition_time_embed_dim == projection_class_embeddings_input_dim``), and
+      passed through ``add_embedding``; the result is added to the time embedding.
+      Required exactly when the config has text_time.
+    - ``timestep_cond`` (``time_cond_proj_dim``, LCM): [B, time_cond_proj_dim], usually
+      :func:`guidance_scale_embedding` of ``guidance_scale - 1``; projected by
+      ``time_embedding.cond_proj`` and added to the timestep sinusoids. Optional, as in diffusers
+      (omitted, the guidance term is skipped).
     """
 
     in_channels: int = 4
@@ -188,7 +215,8 @@ class UNet2DConditionModel(nn.Module):
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     cross_attention_dim: int | tuple[int, ...] = 1280
-    transformer_layers_per_block: int | tuple[int, ...] = 1
+    transformer_layers_per_block: int | tuple[int | tuple[int, ...], ...] = 1
+    reverse_transformer_layers_per_block: tuple[int | tuple[int, ...], ...] | None = None
     attention_head_dim: int | tuple[int, ...] = 8
     num_attention_heads: int | tuple[int, ...] | None = None
     use_linear_projection: bool = False
@@ -196,6 +224,10 @@ class UNet2DConditionModel(nn.Module):
     time_embedding_dim: int | None = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
+    time_cond_proj_dim: int | None = None
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
     remat: bool = False
@@ -204,12 +236,58 @@ class UNet2DConditionModel(nn.Module):
     def context_dim(self) -> int:
         return _per_block(self.cross_attention_dim, 1)[0]
 
+    @property
+    def needs_added_cond(self) -> bool:
+        return self.addition_embed_type == "text_time"
+
+    def _added_embedding(self, added_cond: Any, b: int) -> jax.Array:
+        """SDXL's text_time term: ``add_embedding(concat(text_embeds, sinusoids(time_ids)))``."""
+        if not isinstance(added_cond, Mapping) or not {"text_embeds", "time_ids"} <= set(
+            added_cond
+        ):
+            if added_cond is None:
+                got = "none"
+            elif isinstance(added_cond, Mapping):
+                got = f"keys {sorted(added_cond)}"
+            else:
+                got = type(added_cond).__name__
+            raise ValueError(
+                "UNet with addition_embed_type='text_time' needs added_cond={'text_embeds': "
+                f"[B, D_pool], 'time_ids': [B, K]}} (as diffusers' added_cond_kwargs); got {got}"
+            )
+        text, ids = jnp.asarray(added_cond["text_embeds"]), jnp.asarray(added_cond["time_ids"])
+        a, p = self.addition_time_embed_dim, self.projection_class_embeddings_input_dim
+        if text.ndim != 2 or ids.ndim != 2 or text.shape[0] != b or ids.shape[0] != b:
+            raise ValueError(
+                f"UNet added_cond must hold text_embeds [{b}, D_pool] and time_ids [{b}, K]; got "
+                f"text_embeds {tuple(text.shape)}, time_ids {tuple(ids.shape)}"
+            )
+        if text.shape[1] + ids.shape[1] * a != p:
+            raise ValueError(
+                f"UNet added_cond: text_embeds dim {text.shape[1]} + {ids.shape[1]} time ids x "
+                f"addition_time_embed_dim {a} = {text.shape[1] + ids.shape[1] * a} != "
+                f"projection_class_embeddings_input_dim {p}"
+            )
+        time_embeds = timestep_embedding(
+            ids.reshape(-1),
+            a,
+            flip_sin_to_cos=self.flip_sin_to_cos,
+            freq_shift=self.freq_shift,
+        ).reshape(b, -1)
+        embeds = jnp.concatenate([text.astype(jnp.float32), time_embeds], axis=-1)
+        temb_dim = self.time_embedding_dim or 4 * self.block_out_channels[0]
+        return TimestepEmbedding(temb_dim, self.dtype, name="add_embedding")(
+            embeds.astype(self.dtype)
+        )
+
     @nn.compact
     def __call__(
         self,
         sample: jax.Array,
         timesteps: jax.Array | int | float,
         encoder_hidden_states: jax.Array,
+        added_cond: Mapping[str, jax.Array] | None = None,
+        timestep_cond: jax.Array | None = None,
     ) -> jax.Array:
         n = len(self.block_out_channels)
         if sample.ndim != 4 or sample.shape[-1] != self.in_channels:
@@ -228,10 +306,25 @@ class UNet2DConditionModel(nn.Module):
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, b)):
             raise ValueError(f"UNet timesteps must be a scalar or [{b}], got shape {t.shape}")
         t = jnp.broadcast_to(t.reshape(-1) if t.ndim else t, (b,))
+        if added_cond is not None and not self.needs_added_cond:
+            raise ValueError(
+                "UNet got added_cond, but its config has addition_embed_type="
+                f"{self.addition_embed_type!r} (only 'text_time', SDXL, takes it)"
+            )
+        if timestep_cond is not None and self.time_cond_proj_dim is None:
+            raise ValueError(
+                "UNet got timestep_cond, but its config has time_cond_proj_dim=None "
+                "(only guidance-embedding UNets such as LCM take it)"
+            )
 
         heads = _per_block(self.num_attention_heads or self.attention_head_dim, n)
         layers = _per_block(self.layers_per_block, n)
         tlayers = _per_block(self.transformer_layers_per_block, n)
+        rev_tlayers = (
+            tlayers[::-1]
+            if self.reverse_transformer_layers_per_block is None
+            else tuple(self.reverse_transformer_layers_per_block)
+        )
         common = dict(
             norm_num_groups=self.norm_num_groups,
             norm_eps=self.norm_eps,
@@ -256,7 +349,11 @@ class UNet2DConditionModel(nn.Module):
             freq_shift=self.freq_shift,
         ).astype(self.dtype)
         temb_dim = self.time_embedding_dim or 4 * self.block_out_channels[0]
-        emb = TimestepEmbedding(temb_dim, self.dtype, name="time_embedding")(temb)
+        emb = TimestepEmbedding(
+            temb_dim, self.dtype, cond_proj_dim=self.time_cond_proj_dim, name="time_embedding"
+        )(temb, timestep_cond)
+        if self.needs_added_cond:
+            emb = emb + self._added_embedding(added_cond, b)
 
         x = sample
         if self.center_input_sample:
@@ -303,7 +400,7 @@ class UNet2DConditionModel(nn.Module):
         up_factor = 2 ** (n - 1)
         odd = sample.shape[1] % up_factor or sample.shape[2] % up_factor
         rev_channels = self.block_out_channels[::-1]
-        rev_heads, rev_layers, rev_tlayers = heads[::-1], layers[::-1], tlayers[::-1]
+        rev_heads, rev_layers = heads[::-1], layers[::-1]
         for i, kind in enumerate(self.up_block_types):
             num = rev_layers[i] + 1
             res, skips = skips[-num:], skips[:-num]
@@ -354,10 +451,8 @@ _UNET_FIXED: dict[str, tuple] = {
     "dropout": (0.0,),
     "dual_cross_attention": (False,),
     "class_embed_type": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
+    "addition_embed_type": ADDITION_EMBED_TYPES,
     "num_class_embeds": (None,),
-    "time_cond_proj_dim": (None,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
     "resnet_time_scale_shift": ("default",),
@@ -366,14 +461,13 @@ _UNET_FIXED: dict[str, tuple] = {
     "time_embedding_type": ("positional",),
     "time_embedding_act_fn": (None,),
     "timestep_post_act": (None,),
-    "projection_class_embeddings_input_dim": (None,),
     "attention_type": ("default",),
     "class_embeddings_concat": (False,),
     "mid_block_only_cross_attention": (None, False),
     "cross_attention_norm": (None,),
-    "reverse_transformer_layers_per_block": (None,),
 }
-# Accepted and not needed by the network.
+# Accepted and not needed by the network (the number of heads serves addition_embed_type
+# "text" only).
 _UNET_IGNORED = ("sample_size", "addition_embed_type_num_heads")
 # Passed to the module.
 _UNET_FIELDS = (
@@ -392,6 +486,7 @@ _UNET_FIELDS = (
     "norm_eps",
     "cross_attention_dim",
     "transformer_layers_per_block",
+    "reverse_transformer_layers_per_block",
     "attention_head_dim",
     "num_attention_heads",
     "use_linear_projection",
@@ -399,6 +494,10 @@ _UNET_FIELDS = (
     "time_embedding_dim",
     "conv_in_kernel",
     "conv_out_kernel",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
+    "time_cond_proj_dim",
 )
 UNET_CONFIG_KEYS = (
     frozenset(_UNET_FIXED)
@@ -464,6 +563,115 @@ def check_known(source: str, config: Mapping[str, Any], known: frozenset) -> dic
             f"(value {config[unknown[0]]!r}); this implementation does not know them"
         )
     return config
+
+
+def _transformer_layers(
+    source: str, key: str, value: Any, layers: tuple[int, ...], *, block_list: bool = False
+) -> int | tuple:
+    """An int, or one entry per block: an int, or a list with one int per layer of the block.
+
+    ``block_list``: a bare int is not accepted (``reverse_transformer_layers_per_block``).
+    """
+    n = len(layers)
+
+    def count(v):
+        return is_int(v) and v >= 1
+
+    if count(value) and not block_list:
+        return value
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == n:
+        out = []
+        for v, m in zip(value, layers, strict=True):
+            if count(v):
+                out.append(v)
+            elif (
+                isinstance(v, Sequence)
+                and not isinstance(v, str)
+                and len(v) == m
+                and all(count(u) for u in v)
+            ):
+                out.append(tuple(v))
+            else:
+                break
+        else:
+            return tuple(out)
+    what = "a list" if block_list else "an int >= 1 or a list"
+    raise config_error(
+        source,
+        key,
+        value,
+        f"must be {what} of {n} entries, each an int >= 1 or a list of one int >= 1 per layer "
+        f"(layers per block: {list(layers)})",
+    )
+
+
+def _check_added_embedding(source: str, kw: dict[str, Any]) -> None:
+    """text_time needs both of its dims; without it they must be null (no feature uses them)."""
+    kind = kw["addition_embed_type"]
+    for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+        value = kw[key]
+        if kind == "text_time":
+            if not (is_int(value) and value > 0):
+                raise config_error(
+                    source, key, value, "must be an int > 0 with addition_embed_type='text_time'"
+                )
+        elif value is not None:
+            raise config_error(
+                source, key, value, f"is not supported with addition_embed_type={kind!r}"
+            )
+    if kind == "text_time" and (
+        kw["projection_class_embeddings_input_dim"] <= kw["addition_time_embed_dim"]
+    ):
+        raise config_error(
+            source,
+            "projection_class_embeddings_input_dim",
+            kw["projection_class_embeddings_input_dim"],
+            f"leaves no room for the pooled text embedding next to time ids of "
+            f"addition_time_embed_dim {kw['addition_time_embed_dim']}",
+        )
+    value = kw["time_cond_proj_dim"]
+    if value is not None and not (is_int(value) and value > 0):
+        raise config_error(source, "time_cond_proj_dim", value, "must be null or an int > 0")
+
+
+def check_added_cond_dims(
+    unet_config: Mapping[str, Any] | UNet2DConditionModel,
+    text_embeds_dim: int,
+    time_ids_len: int = 6,
+    *,
+    source: str = "unet/config.json",
+) -> None:
+    """Checks that a pooled text embedding of ``text_embeds_dim`` and ``time_ids_len`` time ids
+    fill SDXL's ``add_embedding`` input: ``projection_class_embeddings_input_dim ==
+    text_embeds_dim + time_ids_len * addition_time_embed_dim`` (SDXL base: 1280 + 6 x 256 =
+    2816; the refiner has 5 time ids). ``unet_config``: the diffusers config dict or the model.
+    """
+    if isinstance(unet_config, UNet2DConditionModel):
+        get = lambda k: getattr(unet_config, k)  # noqa: E731
+    elif isinstance(unet_config, Mapping):
+        get = unet_config.get
+    else:
+        raise ValueError(f"{source}: expected a JSON object, got {type(unet_config).__name__}")
+    kind = get("addition_embed_type")
+    if kind != "text_time":
+        raise config_error(
+            source,
+            "addition_embed_type",
+            kind,
+            "must be 'text_time' for a UNet given pooled text embeddings and time ids",
+        )
+    a, p = get("addition_time_embed_dim"), get("projection_class_embeddings_input_dim")
+    if not (is_int(a) and a > 0):
+        raise config_error(source, "addition_time_embed_dim", a, "must be an int > 0")
+    want = text_embeds_dim + time_ids_len * a
+    if p != want:
+        raise config_error(
+            source,
+            "projection_class_embeddings_input_dim",
+            p,
+            f"does not match the text encoder's pooled dim {text_embeds_dim} + {time_ids_len} "
+            f"time ids x addition_time_embed_dim {a} = {want}",
+        )
 
 
 def unet_from_config(
@@ -533,9 +741,27 @@ def unet_from_config(
         if kw[key] % 2 == 0:
             raise config_error(source, key, kw[key], "must be odd")
     kw["layers_per_block"] = _int_or_list(source, "layers_per_block", kw["layers_per_block"], n)
-    kw["transformer_layers_per_block"] = _int_or_list(
-        source, "transformer_layers_per_block", kw["transformer_layers_per_block"], n
+    layers = _per_block(kw["layers_per_block"], n)
+    kw["transformer_layers_per_block"] = _transformer_layers(
+        source, "transformer_layers_per_block", kw["transformer_layers_per_block"], layers
     )
+    reverse = kw["reverse_transformer_layers_per_block"]
+    if reverse is not None:
+        # Up block i has layers_per_block[n - 1 - i] + 1 resnet/attention pairs.
+        up_layers = tuple(c + 1 for c in layers[::-1])
+        reverse = _transformer_layers(
+            source, "reverse_transformer_layers_per_block", reverse, up_layers, block_list=True
+        )
+    elif isinstance(kw["transformer_layers_per_block"], tuple) and any(
+        isinstance(v, tuple) for v in kw["transformer_layers_per_block"]
+    ):
+        raise config_error(
+            source,
+            "transformer_layers_per_block",
+            config["transformer_layers_per_block"],
+            "has per-layer lists, which need reverse_transformer_layers_per_block (as diffusers)",
+        )
+    kw["reverse_transformer_layers_per_block"] = reverse
     kw["attention_head_dim"] = _int_or_list(
         source, "attention_head_dim", kw["attention_head_dim"], n
     )
@@ -572,9 +798,12 @@ def unet_from_config(
         raise config_error(
             source, "time_embedding_dim", kw["time_embedding_dim"], "must be null or an int > 0"
         )
+    _check_added_embedding(source, kw)
     for key in ("norm_eps", "freq_shift", "mid_block_scale_factor"):
         if isinstance(kw[key], bool) or not isinstance(kw[key], (int, float)):
             raise config_error(source, key, kw[key], "must be a number")
+    if kw["upcast_attention"] is None:
+        kw["upcast_attention"] = False  # SDXL's published config says null; diffusers: falsy
     for key in (
         "center_input_sample",
         "flip_sin_to_cos",
@@ -589,14 +818,36 @@ def unet_from_config(
     return UNet2DConditionModel(**kw, dtype=dtype, attention_impl=attention_impl, remat=remat)
 
 
-def unet_dummy_inputs(model: UNet2DConditionModel, batch: int = 1, size: int | None = None):
-    """Smallest valid inputs (as ShapeDtypeStructs) for ``init``/cost analysis."""
+def unet_dummy_inputs(
+    model: UNet2DConditionModel, batch: int = 1, size: int | None = None, context_len: int = 1
+) -> tuple:
+    """Smallest valid inputs (as ShapeDtypeStructs) for ``init``/cost analysis.
+
+    ``(sample, timesteps, context)``, then ``added_cond`` (six time ids, the rest of
+    ``projection_class_embeddings_input_dim`` as the pooled embedding) for a text_time UNet and
+    ``timestep_cond`` for a guidance-embedding one (``None`` in the added_cond slot if needed).
+    """
     size = size or 2 ** (len(model.block_out_channels) - 1)
-    return (
-        jax.ShapeDtypeStruct((batch, size, size, model.in_channels), jnp.float32),
+    f32 = jnp.float32
+    args: list[Any] = [
+        jax.ShapeDtypeStruct((batch, size, size, model.in_channels), f32),
         jax.ShapeDtypeStruct((batch,), jnp.int32),
-        jax.ShapeDtypeStruct((batch, 1, model.context_dim), jnp.float32),
-    )
+        jax.ShapeDtypeStruct((batch, context_len, model.context_dim), f32),
+    ]
+    if model.needs_added_cond:
+        a, p = model.addition_time_embed_dim, model.projection_class_embeddings_input_dim
+        k = 6 if p > 6 * a else (p - 1) // a  # parameter shapes depend on the sum only
+        args.append(
+            {
+                "text_embeds": jax.ShapeDtypeStruct((batch, p - k * a), f32),
+                "time_ids": jax.ShapeDtypeStruct((batch, k), f32),
+            }
+        )
+    if model.time_cond_proj_dim is not None:
+        if not model.needs_added_cond:
+            args.append(None)
+        args.append(jax.ShapeDtypeStruct((batch, model.time_cond_proj_dim), f32))
+    return tuple(args)
 
 
 def unet_param_shapes(model: UNet2DConditionModel) -> dict[str, Any]:

@@ -242,13 +242,17 @@ class AutoencoderKL(nn.Module):
 # ------------------------------------------------------------------------------------------
 # Config validation
 
-_VAE_FIXED: dict[str, tuple] = {"act_fn": ("silu", "swish")}
+# shift_factor (SD3/Flux) and latents_mean/std (Playground v2.5) change how latents are
+# normalised, which callers here do with scaling_factor alone: refused rather than ignored.
+_VAE_FIXED: dict[str, tuple] = {
+    "act_fn": ("silu", "swish"),
+    "shift_factor": (None,),
+    "latents_mean": (None,),
+    "latents_std": (None,),
+}
 _VAE_IGNORED = (
     "sample_size",
     "scaling_factor",
-    "shift_factor",
-    "latents_mean",
-    "latents_std",
     "force_upcast",
 )
 _VAE_FIELDS = (
@@ -276,14 +280,20 @@ def vae_from_config(
 ) -> AutoencoderKL:
     """Builds the VAE from a diffusers ``vae/config.json`` dict, refusing what it cannot run.
 
-    ``scaling_factor``, ``shift_factor``, ``latents_mean/std`` and ``force_upcast`` are accepted
-    and left to the caller (they scale latents, not the network).
+    ``scaling_factor`` (a positive number; SDXL 0.13025) and ``force_upcast`` (true/false: SDXL's
+    VAE decodes in float32) are checked and left to the caller (they concern latents and
+    precision, not the network); ``shift_factor`` and ``latents_mean/std`` must be null.
     """
     if not isinstance(config, Mapping):
         raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
     config = check_known(source, config, VAE_CONFIG_KEYS)
     check_fixed(source, config, _VAE_FIXED)
     check_attention_impl(attention_impl)
+    scale = config.get("scaling_factor", 0.18215)
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
+        raise config_error(source, "scaling_factor", scale, "must be a positive number")
+    if not isinstance(config.get("force_upcast", True), bool):
+        raise config_error(source, "force_upcast", config["force_upcast"], "must be true or false")
     defaults = AutoencoderKL()
     kw = {k: config.get(k, getattr(defaults, k)) for k in _VAE_FIELDS}
     channels = kw["block_out_channels"]
