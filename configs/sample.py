@@ -14,7 +14,10 @@ steps, guidance, negative prompt, size, dtype and the model folder's fingerprint
 with other values is refused (another out_dir, or `--overwrite` to delete the old outputs).
 SIGTERM / Ctrl-C: the batch in flight is finished, then exit status 75; rerun to resume.
 
-Presets: `configs/sample.py:gpu` uses bfloat16 (attention stays `auto`: cuDNN where it can run).
+Presets: `configs/sample.py:gpu` uses bfloat16 (attention stays `auto`: cuDNN where it can run);
+`sdxl` (SDXL base: its Euler scheduler, 30 steps, CFG 5, 1024 px), `turbo` (SDXL-Turbo: Euler
+ancestral, 4 steps, no guidance, 512 px), `dmd2` (SDXL-DMD2: LCM sampler at timesteps
+999, 749, 499, 249, no guidance, 1024 px), `lcm` (LCM-SDXL: 4 steps, guidance embedded, 1024 px).
 """
 
 import ml_collections
@@ -34,8 +37,11 @@ def get_config(arg: str | None = None):
     c.seed = 0
 
     c.sample = ml_collections.ConfigDict()
-    c.sample.sampler = "dpm_solver_pp"  # dpm_solver_pp | ddim
+    # auto (the folder's scheduler decides, as diffusers) | dpm_solver_pp | ddim | euler |
+    # euler_ancestral | lcm
+    c.sample.sampler = "dpm_solver_pp"
     c.sample.num_steps = 20
+    c.sample.timesteps = ()  # custom descending timesteps (DMD2: 999, 749, 499, 249)
     c.sample.guidance_scale = 7.5
     c.sample.negative_prompt = ""  # used for classifier-free guidance ("" = unconditional)
     c.sample.batch_size = 8  # prompts per generate call (padded to the device count)
@@ -51,6 +57,20 @@ def get_config(arg: str | None = None):
         c.model.dtype = "bfloat16"
         c.model.attention_impl = "auto"  # cuDNN where it can run; the preset also works on CPU/TPU
         c.sample.batch_size = 64
+    elif arg == "sdxl":
+        c.sample.sampler, c.sample.num_steps, c.sample.guidance_scale = "auto", 30, 5.0
+        c.sample.height = c.sample.width = 1024
+    elif arg == "turbo":
+        c.sample.sampler, c.sample.num_steps, c.sample.guidance_scale = "euler_ancestral", 4, 0.0
+    elif arg == "dmd2":
+        c.sample.sampler, c.sample.num_steps, c.sample.guidance_scale = "lcm", 4, 0.0
+        c.sample.timesteps = (999, 749, 499, 249)
+        c.sample.height = c.sample.width = 1024
+    elif arg == "lcm":
+        c.sample.sampler, c.sample.num_steps, c.sample.guidance_scale = "lcm", 4, 8.0
+        c.sample.height = c.sample.width = 1024
     elif arg:
-        raise ValueError(f"configs/sample.py: unknown preset {arg!r} (known: gpu)")
+        raise ValueError(
+            f"configs/sample.py: unknown preset {arg!r} (known: gpu, sdxl, turbo, dmd2, lcm)"
+        )
     return c

@@ -131,6 +131,7 @@ def shard_path(out_dir: str, start: int, end: int) -> str:
 SETTINGS_SAMPLE_FIELDS = (
     "sampler",
     "num_steps",
+    "timesteps",
     "guidance_scale",
     "negative_prompt",
     "height",
@@ -148,13 +149,17 @@ def settings_of(config, prompts: list[str]) -> dict:
     return {
         "prompts": {"count": len(prompts), "sha256": digest[:32]},
         "seed": int(config.seed),
-        "sample": {k: config.sample[k] for k in SETTINGS_SAMPLE_FIELDS},
+        "sample": {k: _plain(config.sample.get(k)) for k in SETTINGS_SAMPLE_FIELDS},
         "model": {
             "path": os.path.abspath(config.model.path),
             "fingerprint": folder_fingerprint(config.model.path),
             "dtype": config.model.dtype,
         },
     }
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple | list) else value
 
 
 def existing_outputs(out_dir: str) -> list[str]:
@@ -193,10 +198,16 @@ def check_config(config) -> None:
         raise ValueError("config.output.images and config.output.latents are both off")
     if int(config.sample.batch_size) < 1:
         raise ValueError(f"config.sample.batch_size={config.sample.batch_size} must be >= 1")
-    if config.sample.sampler not in samplers.SAMPLERS:
+    if config.sample.sampler != "auto" and config.sample.sampler not in samplers.SAMPLERS:
         raise ValueError(
             f"config.sample.sampler={config.sample.sampler!r} is not one of "
-            f"{sorted(samplers.SAMPLERS)}"
+            f"{['auto', *sorted(samplers.SAMPLERS)]}"
+        )
+    ts = list(config.sample.get("timesteps") or ())
+    if ts and (any(not isinstance(t, int) for t in ts) or ts != sorted(set(ts), reverse=True)):
+        raise ValueError(
+            f"config.sample.timesteps={ts}: must be distinct integers in descending order "
+            "(e.g. DMD2's 999,749,499,249)"
         )
     if int(config.sample.num_steps) < 1:
         raise ValueError(f"config.sample.num_steps={config.sample.num_steps} must be >= 1")
@@ -321,7 +332,8 @@ def _generate(config, prompts: list[str]) -> dict:
                 width=int(config.sample.width),
                 decode=want_images,
                 negative_prompt_ids=neg,
-                sampler=config.sample.sampler,
+                sampler=None if config.sample.sampler == "auto" else config.sample.sampler,
+                timesteps=list(config.sample.timesteps) or None,
                 mesh=mesh,
                 example_ids=ids,
                 return_latents=want_images and want_latents,

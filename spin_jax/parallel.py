@@ -24,9 +24,12 @@ FSDP_MIN_SIZE = 2**16
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mesh:
-    """A ``(data, fsdp)`` mesh over ``devices`` (default all); ``data=-1`` takes what is left."""
+    """A ``(data, fsdp)`` mesh over ``devices`` (default all); ``data=-1`` takes what is left,
+    ``fsdp=-1`` all devices (parameters split over every device, whatever their number)."""
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
+    if fsdp == -1:
+        fsdp = n if data == -1 else max(1, n // max(1, data))
     if fsdp < 1 or n % fsdp:
         raise ValueError(f"make_mesh: fsdp={fsdp} must be >= 1 and divide the {n} devices")
     if data == -1:

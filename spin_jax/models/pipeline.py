@@ -27,7 +27,7 @@ from spin_jax.files import write_json
 from spin_jax.models import convert
 from spin_jax.models.clip import text_encoder_from_config, text_encoder_param_shapes
 from spin_jax.models.tokenizer import Tokenizer, load_tokenizer
-from spin_jax.models.unet import unet_from_config, unet_param_shapes
+from spin_jax.models.unet import check_added_cond_dims, unet_from_config, unet_param_shapes
 from spin_jax.models.vae import vae_from_config, vae_param_shapes
 from spin_jax.models.weights import read_json, read_tensors, weight_files
 
@@ -400,7 +400,7 @@ def _load(path, family, dtype, attention_impl, remat, pool, convert_and_place) -
         configs[name], sources[name] = config(name)
     configs["scheduler"], sources["scheduler"] = config("scheduler", "scheduler_config.json")
     if family.pooled:
-        check_added_cond_dims(configs, sources)
+        check_text_conditioning(configs, sources)
     unet = unet_from_config(configs["unet"], dtype=dtype, attention_impl=attention_impl,
                             remat=remat, source=sources["unet"])  # fmt: skip
     # force_upcast (the SDXL VAE overflows in half precision): the VAE computes in float32.
@@ -437,24 +437,12 @@ def _load(path, family, dtype, attention_impl, remat, pool, convert_and_place) -
     return sd
 
 
-def check_added_cond_dims(configs: Mapping[str, dict], sources: Mapping[str, str]) -> None:
+def check_text_conditioning(configs: Mapping[str, dict], sources: Mapping[str, str]) -> None:
     """SDXL: the UNet's added-conditioning input must be the pooled text embedding plus six
-    embedded time ids; the context width the sum of both encoders' widths."""
+    embedded time ids, its context width the sum of both encoders' widths."""
     unet, source = configs["unet"], sources["unet"]
     pooled = int(configs["text_encoder_2"].get("projection_dim", 0))
-    if unet.get("addition_embed_type") != "text_time":
-        raise ValueError(
-            f"{source}: addition_embed_type={unet.get('addition_embed_type')!r}, but an SDXL "
-            "pipeline's UNet takes the pooled text embedding and time ids ('text_time')"
-        )
-    want = pooled + 6 * int(unet.get("addition_time_embed_dim") or 0)
-    got = unet.get("projection_class_embeddings_input_dim")
-    if got != want:
-        raise ValueError(
-            f"{source}: projection_class_embeddings_input_dim={got} disagrees with the text "
-            f"encoders: text_encoder_2 projection_dim {pooled} + 6 time ids x "
-            f"addition_time_embed_dim {unet.get('addition_time_embed_dim')} = {want}"
-        )
+    check_added_cond_dims(unet, pooled, source=source)
     width = sum(int(configs[n].get("hidden_size", 0)) for n in ("text_encoder", "text_encoder_2"))
     cross = unet.get("cross_attention_dim")
     if cross != width:

@@ -109,7 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by fsdp
-    c.mesh.fsdp = 1
+    c.mesh.fsdp = 1  # -1: all devices (parameters and optimizer state split over every one)
     return c
 
 
