@@ -327,9 +327,15 @@ def test_sdxl_presets_match_diffusers():
         == presets.SDXL_UNET["cross_attention_dim"]
     )
     check_added_cond_dims(presets.SDXL_UNET, text2.config.projection_dim)
-    for name in ("SDXL_TEXT_ENCODER", "SDXL_TEXT_ENCODER_2"):
-        cfg = transformers.CLIPTextConfig(**getattr(presets, name))
-        assert cfg.max_position_embeddings == 77
+    for name, model, cls in (
+        ("SDXL_TEXT_ENCODER", text, transformers.CLIPTextModel),
+        ("SDXL_TEXT_ENCODER_2", text2, transformers.CLIPTextModelWithProjection),
+    ):
+        with torch.device("meta"):
+            ref = cls(transformers.CLIPTextConfig(**getattr(presets, name)))
+        shapes = jax.tree.leaves(clip.text_encoder_param_shapes(model))
+        ref_count = sum(p.numel() for p in ref.parameters())
+        assert sum(int(np.prod(x.shape)) for x in shapes) == ref_count
     assert (
         diffusers.EulerDiscreteScheduler.from_config(presets.SDXL_SCHEDULER).config[
             "timestep_spacing"
