@@ -167,6 +167,24 @@ def test_lcm_unet_parity_with_guidance_embedding(lcm):
     assert _rel_err(out, ref_none) > 1e-3
 
 
+def test_lcm_bfloat16_and_remat(lcm):
+    # Compute dtype and remat reach the added embedding and cond_proj too.
+    _, model, params = lcm
+    x, ctx, cond = _inputs(2, 8, 8, seed=5)
+    args = (_nhwc(x), jnp.array([999, 499]), jnp.asarray(ctx.numpy()), _jax_cond(cond))
+    w_emb = guidance_scale_embedding(jnp.array([3.0, 0.0]), 12)
+    out32 = jax.jit(model.apply)({"params": params}, *args, w_emb)
+    config = dict(LCM_TINY, _class_name="UNet2DConditionModel")
+    bf16 = unet_from_config(config, dtype=jnp.bfloat16)
+    out16 = jax.jit(bf16.apply)({"params": params}, *args, w_emb)
+    assert out16.dtype == jnp.float32
+    err = float(jnp.abs(out16 - out32).max() / jnp.abs(out32).max())
+    assert err < 5e-2, err
+    remat = unet_from_config(config, remat=True)
+    out_r = jax.jit(remat.apply)({"params": params}, *args, w_emb)
+    np.testing.assert_allclose(np.asarray(out_r), np.asarray(out32), rtol=0, atol=1e-5)
+
+
 def test_guidance_scale_embedding_matches_diffusers():
     sdxl_pipe = diffusers.StableDiffusionXLPipeline
     lcm_pipe = diffusers.LatentConsistencyModelPipeline
@@ -309,9 +327,15 @@ def test_sdxl_presets_match_diffusers():
         == presets.SDXL_UNET["cross_attention_dim"]
     )
     check_added_cond_dims(presets.SDXL_UNET, text2.config.projection_dim)
-    for name in ("SDXL_TEXT_ENCODER", "SDXL_TEXT_ENCODER_2"):
-        cfg = transformers.CLIPTextConfig(**getattr(presets, name))
-        assert cfg.max_position_embeddings == 77
+    for name, model, cls in (
+        ("SDXL_TEXT_ENCODER", text, transformers.CLIPTextModel),
+        ("SDXL_TEXT_ENCODER_2", text2, transformers.CLIPTextModelWithProjection),
+    ):
+        with torch.device("meta"):
+            ref = cls(transformers.CLIPTextConfig(**getattr(presets, name)))
+        shapes = jax.tree.leaves(clip.text_encoder_param_shapes(model))
+        ref_count = sum(p.numel() for p in ref.parameters())
+        assert sum(int(np.prod(x.shape)) for x in shapes) == ref_count
     assert (
         diffusers.EulerDiscreteScheduler.from_config(presets.SDXL_SCHEDULER).config[
             "timestep_spacing"
