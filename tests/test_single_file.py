@@ -1,0 +1,494 @@
+"""Single-file (original Stability/CompVis layout) checkpoints <-> diffusers, against diffusers.
+
+The reverse mapping (``write_single_file``) is checked independently by diffusers' own
+``from_single_file`` (offline, with the tiny pipeline's folder as ``config=``); the forward one
+(``read_single_file``) against the original diffusers/transformers state dicts, and its inferred
+configs by building diffusers/transformers models from them and comparing outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from spin_jax.models.single_file import read_single_file, write_single_file
+from spin_jax.models.tiny import write_clip_tokenizer
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from tiny_sd import WORDS, _perturb, make_tiny_sd, scheduler_config, vae_kwargs  # noqa: E402
+
+NETWORKS = {
+    "sd1": ("unet", "vae", "text_encoder"),
+    "sd2": ("unet", "vae", "text_encoder"),
+    "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2"),
+}
+# What the tensors cannot tell about the tiny models (the published ones need none of these).
+TINY_OVERRIDES = {
+    "sd1": {
+        "unet": {"norm_num_groups": 8},
+        "vae": {"norm_num_groups": 8},
+        "text_encoder": {"num_attention_heads": 4},
+    },
+    "sd2": {
+        "unet": {"norm_num_groups": 8, "attention_head_dim": [2, 4]},
+        "vae": {"norm_num_groups": 8},
+        "text_encoder": {"num_attention_heads": 4},
+    },
+    # widths chosen so that SDXL's heads follow the head-dim-64 rule
+    "sdxl": {"vae": {"norm_num_groups": 8}},
+}
+PREDICTION = {"sd1": None, "sd2": "v_prediction", "sdxl": None}
+
+
+def make_tiny_sdxl(path: str, seed: int = 0) -> str:
+    """A tiny random StableDiffusionXLPipeline: DownBlock2D + CrossAttnDownBlock2D with two
+    transformer layers (as SDXL's deeper levels), CLIP-L-like (width 64) and bigG-like (width 128,
+    projection 96) text encoders, text_time addition embedding."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    tok_dirs = [tempfile.mkdtemp(), tempfile.mkdtemp()]
+    vocab = write_clip_tokenizer(tok_dirs[0], WORDS)
+    write_clip_tokenizer(tok_dirs[1], WORDS, pad_token="!")
+    tokenizers = [CLIPTokenizer.from_pretrained(d) for d in tok_dirs]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(64, 128),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(1, 2),
+        cross_attention_dim=64 + 128,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=96 + 6 * 8,
+    )
+    vae = AutoencoderKL(**vae_kwargs())
+
+    def text_config(width, act, proj, pad):
+        return CLIPTextConfig(
+            vocab_size=vocab,
+            hidden_size=width,
+            intermediate_size=width + 32,
+            num_hidden_layers=2,
+            num_attention_heads=width // 64,
+            max_position_embeddings=77,
+            hidden_act=act,
+            projection_dim=proj,
+            bos_token_id=tokenizers[0].bos_token_id,
+            eos_token_id=tokenizers[0].eos_token_id,
+            pad_token_id=pad,
+        )
+
+    te = CLIPTextModel(text_config(64, "quick_gelu", 64, tokenizers[0].pad_token_id))
+    te2 = CLIPTextModelWithProjection(text_config(128, "gelu", 96, tokenizers[1].pad_token_id))
+    for i, m in enumerate((unet, vae, te, te2)):
+        _perturb(m, seed + i)
+    sched = EulerDiscreteScheduler.from_config(
+        {
+            k: v
+            for k, v in scheduler_config().items()
+            if k not in ("clip_sample", "set_alpha_to_one")
+        }
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=te,
+        text_encoder_2=te2,
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        unet=unet,
+        scheduler=sched,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _pipeline_class(variant):
+    return (
+        diffusers.StableDiffusionXLPipeline
+        if variant == "sdxl"
+        else diffusers.StableDiffusionPipeline
+    )
+
+
+def _numpy(module) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy() for k, v in module.state_dict().items()}
+
+
+def _with_text_model(name: str, sd: dict) -> dict:
+    # transformers >= 5.6 saves CLIPTextModel without the "text_model." level; spin_jax keeps it
+    if not name.startswith("text_encoder"):
+        return sd
+    return {
+        (
+            k if k.startswith("text_model.") or k == "text_projection.weight" else "text_model." + k
+        ): v
+        for k, v in sd.items()
+    }
+
+
+def _for_module(module, sd: dict) -> dict:
+    if hasattr(module, "text_model"):
+        return sd
+    return {k.removeprefix("text_model."): v for k, v in sd.items()}
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
+def tiny(request, tmp_path_factory):
+    variant = request.param
+    root = tmp_path_factory.mktemp(variant)
+    folder = str(root / "diffusers")
+    if variant == "sdxl":
+        make_tiny_sdxl(folder)
+    else:
+        make_tiny_sd(folder, variant)
+    pipe = _pipeline_class(variant).from_pretrained(folder)
+    sds = {n: _numpy(getattr(pipe, n)) for n in NETWORKS[variant]}
+    path = write_single_file(sds, variant, str(root / "model.safetensors"))
+    return variant, folder, pipe, sds, path
+
+
+def test_from_single_file_gives_back_every_tensor(tiny):
+    variant, folder, _, sds, path = tiny
+    back = _pipeline_class(variant).from_single_file(path, config=folder, local_files_only=True)
+    for name, ref in sds.items():
+        got = _numpy(getattr(back, name))
+        assert set(got) == set(ref), (name, sorted(set(got) ^ set(ref))[:5])
+        for k, v in ref.items():
+            np.testing.assert_array_equal(got[k], v, err_msg=f"{name}: {k}")
+
+
+def test_file_layout(tiny):
+    variant, _, _, _, path = tiny
+    keys = set(load_file(path))
+    assert "model.diffusion_model.input_blocks.0.0.weight" in keys
+    # the upsampler follows the attention when the up level has one (SDXL's first), else the resnet
+    slot = 2 if variant == "sdxl" else 1
+    assert f"model.diffusion_model.output_blocks.1.{slot}.conv.weight" in keys
+    assert "first_stage_model.encoder.mid.attn_1.q.weight" in keys
+    if variant == "sd1":
+        assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in keys
+    elif variant == "sd2":
+        assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+        assert "cond_stage_model.model.transformer.resblocks.2.attn.in_proj_weight" in keys
+    else:
+        assert "model.diffusion_model.label_emb.0.0.weight" in keys
+        assert "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight" in keys
+        assert "conditioner.embedders.1.model.text_projection" in keys
+
+
+def test_read_single_file_equals_original(tiny):
+    variant, _, pipe, sds, path = tiny
+    sf = read_single_file(
+        path, prediction_type=PREDICTION[variant], overrides=TINY_OVERRIDES[variant]
+    )
+    assert sf.family == variant
+    assert set(sf.state_dicts) == set(NETWORKS[variant])
+    for name, ref in sds.items():
+        ref = _with_text_model(name, ref)
+        got = sf.state_dicts[name]
+        assert set(got) == set(ref), (name, sorted(set(got) ^ set(ref))[:5])
+        for k, v in ref.items():
+            assert got[k].shape == v.shape, (name, k)
+            np.testing.assert_array_equal(got[k], v, err_msg=f"{name}: {k}")
+    if variant == "sd2":  # OpenCLIP's last resblock and projection are not SD 2.x's
+        assert "cond_stage_model.model.text_projection" in sf.skipped
+        assert any("resblocks.2." in k for k in sf.skipped)
+    else:
+        assert sf.skipped == []
+
+
+def _norm(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+SHAPING = {
+    "unet": [
+        "in_channels",
+        "out_channels",
+        "block_out_channels",
+        "layers_per_block",
+        "down_block_types",
+        "up_block_types",
+        "mid_block_type",
+        "attention_head_dim",
+        "cross_attention_dim",
+        "use_linear_projection",
+        "norm_num_groups",
+        "conv_in_kernel",
+        "conv_out_kernel",
+        "addition_embed_type",
+        "addition_time_embed_dim",
+        "projection_class_embeddings_input_dim",
+        "flip_sin_to_cos",
+        "freq_shift",
+    ],
+    "vae": [
+        "in_channels",
+        "out_channels",
+        "block_out_channels",
+        "layers_per_block",
+        "latent_channels",
+        "down_block_types",
+        "up_block_types",
+        "norm_num_groups",
+        "mid_block_add_attention",
+        "use_quant_conv",
+        "use_post_quant_conv",
+    ],
+    "text": [
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "projection_dim",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+        "hidden_act",
+        "layer_norm_eps",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    ],
+}
+
+
+def _depths(cfg: dict, n: int) -> list[int]:
+    d = _norm(cfg.get("transformer_layers_per_block", 1))
+    return d if isinstance(d, list) else [d] * n
+
+
+def _build(name: str, cfg: dict, variant: str):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if name == "unet":
+        return UNet2DConditionModel.from_config(cfg)
+    if name == "vae":
+        return AutoencoderKL.from_config(cfg)
+    fields = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}
+    cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+    assert cfg["architectures"] == [cls.__name__]
+    return cls(CLIPTextConfig(**fields))
+
+
+def _outputs(name: str, model, variant: str, cfgs: dict):
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        if name == "unet":
+            ctx = cfgs["unet"]["cross_attention_dim"]
+            x = torch.randn(2, 4, 8, 8, generator=gen)
+            kw = {}
+            if variant == "sdxl":
+                kw["added_cond_kwargs"] = {
+                    "text_embeds": torch.randn(2, 96, generator=gen),
+                    "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2),
+                }
+            out = model(
+                x, torch.tensor([10, 500]), torch.randn(2, 5, ctx, generator=gen), **kw
+            ).sample
+            return [out]
+        if name == "vae":
+            img = torch.rand(1, 3, 16, 16, generator=gen) * 2 - 1
+            post = model.encode(img).latent_dist
+            return [post.mean, post.logvar, model.decode(post.mean).sample]
+        vocab = cfgs[name]["vocab_size"]
+        ids = torch.randint(0, vocab - 2, (2, 9), generator=gen)
+        ids[:, 0], ids[:, -1] = vocab - 2, vocab - 1
+        out = model(ids)
+        extra = [out.text_embeds] if name == "text_encoder_2" else [out.pooler_output]
+        return [out.last_hidden_state, *extra]
+
+
+def test_inferred_configs_give_the_same_models(tiny):
+    variant, _, pipe, _, path = tiny
+    sf = read_single_file(
+        path, prediction_type=PREDICTION[variant], overrides=TINY_OVERRIDES[variant]
+    )
+    for name in NETWORKS[variant]:
+        orig = getattr(pipe, name)
+        ocfg = orig.config.to_dict() if hasattr(orig.config, "to_dict") else dict(orig.config)
+        fields = SHAPING["text" if name.startswith("text") else name]
+        for f in fields:
+            assert _norm(sf.configs[name].get(f)) == _norm(ocfg.get(f)), (name, f)
+        if name == "unet":
+            n = len(ocfg["block_out_channels"])
+            assert _depths(sf.configs[name], n) == _depths(ocfg, n)
+        model = _build(name, sf.configs[name], variant).eval()
+        model.load_state_dict(_for_module(model, {k: torch.from_numpy(np.array(v)) for k, v in sf.state_dicts[name].items()}), strict=True)  # fmt: skip
+        for got, ref in zip(
+            _outputs(name, model, variant, sf.configs),
+            _outputs(name, orig.eval(), variant, sf.configs),
+            strict=True,
+        ):
+            np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_scheduler_and_pipeline_hints(tiny):
+    from spin_jax.diffusion import schedule_from_config
+
+    variant, _, _, _, path = tiny
+    sf = read_single_file(
+        path, prediction_type=PREDICTION[variant], overrides=TINY_OVERRIDES[variant]
+    )
+    sched = sf.configs["scheduler"]
+    assert sched["prediction_type"] == (PREDICTION[variant] or "epsilon")
+    schedule_from_config(sched, source="single file")  # accepted by spin_jax's samplers
+    assert sf.configs["unet"]["upcast_attention"] == (variant == "sd2")
+    if variant == "sdxl":
+        assert sf.configs["model_index"]["force_zeros_for_empty_prompt"] is True
+        assert sf.configs["vae"]["scaling_factor"] == 0.13025
+    else:
+        assert sf.configs["vae"]["scaling_factor"] == 0.18215
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def sd1_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd1_bad")
+    folder = make_tiny_sd(str(root / "diffusers"), "sd1")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder)
+    sds = {n: _numpy(getattr(pipe, n)) for n in NETWORKS["sd1"]}
+    return write_single_file(sds, "sd1", str(root / "model.safetensors")), sds
+
+
+def _rewrite(src: str, dst: str, edit) -> str:
+    tensors = dict(load_file(src))
+    edit(tensors)
+    save_file(tensors, dst)
+    return dst
+
+
+def test_unknown_keys_are_listed(sd1_file, tmp_path):
+    src, _ = sd1_file
+
+    def add_foreign(t):
+        for i in range(10):
+            t[f"lora_unet_thing.{i}.weight"] = np.zeros(2, np.float32)
+
+    path = _rewrite(src, str(tmp_path / "foreign.safetensors"), add_foreign)
+    with pytest.raises(ValueError, match=r"10 keys match no known prefix.*lora_unet_thing\.0\.weight.*2 more") as e:  # fmt: skip
+        read_single_file(path)
+    assert str(path) in str(e.value)
+
+    def add_leftover(t):
+        t["model.diffusion_model.input_blocks.1.0.bogus.weight"] = np.zeros(2, np.float32)
+        t["first_stage_model.encoder.down.0.block.0.extra.bias"] = np.zeros(2, np.float32)
+
+    path = _rewrite(src, str(tmp_path / "leftover.safetensors"), add_leftover)
+    with pytest.raises(ValueError, match=r"2 keys left over after mapping") as e:
+        read_single_file(path)
+    assert "model.diffusion_model.input_blocks.1.0.bogus.weight" in str(e.value)
+    assert "first_stage_model.encoder.down.0.block.0.extra.bias" in str(e.value)
+
+
+def test_skipped_buffers_and_ema(sd1_file, tmp_path):
+    src, sds = sd1_file
+
+    def add(t):
+        t["alphas_cumprod"] = np.ones(1000, np.float32)
+        t["model_ema.decay"] = np.ones((), np.float32)
+        t["cond_stage_model.transformer.text_model.embeddings.position_ids"] = np.arange(
+            77, dtype=np.int64
+        )[None]
+
+    path = _rewrite(src, str(tmp_path / "buffers.safetensors"), add)
+    sf = read_single_file(path, overrides=TINY_OVERRIDES["sd1"])
+    assert sorted(sf.skipped) == sorted(
+        [
+            "alphas_cumprod",
+            "model_ema.decay",
+            "cond_stage_model.transformer.text_model.embeddings.position_ids",
+        ]
+    )
+    assert set(sf.state_dicts["unet"]) == set(sds["unet"])
+
+
+def test_text_encoder_without_text_model_level(sd1_file, tmp_path):
+    src, sds = sd1_file
+
+    def strip(t):
+        for k in [k for k in t if k.startswith("cond_stage_model.transformer.text_model.")]:
+            t[k.replace(".text_model.", ".", 1)] = t.pop(k)
+
+    path = _rewrite(src, str(tmp_path / "old_clip.safetensors"), strip)
+    sf = read_single_file(path, overrides=TINY_OVERRIDES["sd1"])
+    ref = _with_text_model("text_encoder", sds["text_encoder"])
+    assert set(sf.state_dicts["text_encoder"]) == set(ref)
+
+
+def test_missing_vae_names_the_prefix(sd1_file, tmp_path):
+    src, _ = sd1_file
+
+    def drop_vae(t):
+        for k in [k for k in t if k.startswith("first_stage_model.")]:
+            del t[k]
+
+    path = _rewrite(src, str(tmp_path / "novae.safetensors"), drop_vae)
+    with pytest.raises(ValueError, match=r"no vae .*'first_stage_model\.'"):
+        read_single_file(path)
+
+    def drop_text(t):
+        for k in [k for k in t if k.startswith("cond_stage_model.")]:
+            del t[k]
+
+    path = _rewrite(src, str(tmp_path / "notext.safetensors"), drop_text)
+    with pytest.raises(ValueError, match=r"no text encoder found.*cond_stage_model\.transformer\."):
+        read_single_file(path)
+
+
+def test_pickled_checkpoint_refused_unless_allowed(sd1_file, tmp_path):
+    src, sds = sd1_file
+    ckpt = str(tmp_path / "model.ckpt")
+    torch.save({"state_dict": {k: torch.from_numpy(v.copy()) for k, v in load_file(src).items()}}, ckpt)  # fmt: skip
+    with pytest.raises(ValueError, match=r"model\.ckpt is a pickled checkpoint.*[Cc]onvert.*allow_pickle"):  # fmt: skip
+        read_single_file(ckpt)
+    sf = read_single_file(ckpt, allow_pickle=True, overrides=TINY_OVERRIDES["sd1"])
+    np.testing.assert_array_equal(
+        sf.state_dicts["unet"]["conv_in.weight"], sds["unet"]["conv_in.weight"]
+    )
+
+
+def test_heads_that_cannot_be_inferred_are_an_error(sd1_file):
+    src, _ = sd1_file  # width 32 text encoder: the head-dim-64 rule gives no heads
+    with pytest.raises(ValueError, match=r"text_encoder's attention heads.*overrides"):
+        read_single_file(src)
+    with pytest.raises(ValueError, match=r"unknown network 'unet_2'"):
+        read_single_file(src, overrides={"unet_2": {}})
+
+
+def test_write_rejects_unknown_and_missing(sd1_file, tmp_path):
+    _, sds = sd1_file
+    bad = {**sds, "unet": {**sds["unet"], "down_blocks.0.weird.weight": np.zeros(1, np.float32)}}
+    with pytest.raises(ValueError, match=r"1 keys have no original-layout name: unet: down_blocks\.0\.weird\.weight"):  # fmt: skip
+        write_single_file(bad, "sd1", str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match=r"missing \['vae'\]"):
+        write_single_file(
+            {k: v for k, v in sds.items() if k != "vae"}, "sd1", str(tmp_path / "x.safetensors")
+        )
+    assert not os.path.exists(tmp_path / "x.safetensors")
