@@ -492,3 +492,176 @@ def test_write_rejects_unknown_and_missing(sd1_file, tmp_path):
             {k: v for k, v in sds.items() if k != "vae"}, "sd1", str(tmp_path / "x.safetensors")
         )
     assert not os.path.exists(tmp_path / "x.safetensors")
+
+
+# ------------------------------------------------- full-size shapes (meta tensors, no memory)
+
+_SD_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+)
+_CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+               num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768)  # fmt: skip
+# The published configs' fields that shape the models (SD 1.5, SD 2.1 768-v, SDXL base 1.0).
+FULL = {
+    "sd1": {
+        "unet": dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        ),
+        "vae": _SD_VAE,
+        "text_encoder": _CLIP_L,
+    },
+    "sd2": {
+        "unet": dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=1024,
+            attention_head_dim=(5, 10, 20, 20),
+            use_linear_projection=True,
+            upcast_attention=True,
+            sample_size=96,
+        ),
+        "vae": _SD_VAE,
+        "text_encoder": dict(
+            vocab_size=49408,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,
+            num_attention_heads=16,
+            hidden_act="gelu",
+            projection_dim=1024,
+        ),  # fmt: skip
+    },
+    "sdxl": {
+        "unet": dict(
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        ),
+        "vae": _SD_VAE,
+        "text_encoder": _CLIP_L,
+        "text_encoder_2": dict(
+            vocab_size=49408,
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            hidden_act="gelu",
+            projection_dim=1280,
+        ),  # fmt: skip
+    },
+}
+MODEL_TYPE = {"sd1": "v1", "sd2": "v2", "sdxl": "xl_base"}
+
+
+def _meta_state_dict(name: str, cfg: dict) -> dict[str, np.ndarray]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device("meta"):
+        if name == "unet":
+            model = UNet2DConditionModel(**cfg)
+        elif name == "vae":
+            model = AutoencoderKL(**cfg)
+        else:
+            cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+            model = cls(CLIPTextConfig(**cfg))
+    # zero-stride arrays: the shapes without the memory
+    zero = np.zeros((), np.float16)
+    return {k: np.broadcast_to(zero, tuple(v.shape)) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("variant", ["sd1", "sd2", "sdxl"])
+def test_full_size_layouts_and_configs(variant):
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    from spin_jax.models.single_file import convert_from_original, convert_to_original
+
+    sds = {n: _meta_state_dict(n, cfg) for n, cfg in FULL[variant].items()}
+    original = convert_to_original(sds, variant)
+    assert infer_diffusers_model_type(original) == MODEL_TYPE[variant]  # diffusers agrees
+    sf = convert_from_original(
+        original, prediction_type="v_prediction" if variant == "sd2" else None
+    )
+    assert sf.family == variant
+    for name, ref in sds.items():
+        ref = _with_text_model(name, ref)
+        got = sf.state_dicts[name]
+        assert set(got) == set(ref), (name, sorted(set(got) ^ set(ref))[:5])
+        assert all(got[k].shape == v.shape for k, v in ref.items()), name
+        cfg = sf.configs[name]
+        for field, value in FULL[variant][name].items():
+            assert _norm(cfg[field]) == _norm(value), (name, field, cfg[field], value)
+    assert _depths(sf.configs["unet"], len(FULL[variant]["unet"]["block_out_channels"])) == (
+        [1, 2, 10] if variant == "sdxl" else [1] * 4
+    )
+    assert sf.configs["unet"]["upcast_attention"] == (variant == "sd2")
+
+
+# SDXL's UNet and projection text encoder come to spin_jax's builders in another branch.
+SPIN_JAX_NETWORKS = {
+    "sd1": NETWORKS["sd1"],
+    "sd2": NETWORKS["sd2"],
+    "sdxl": ("vae", "text_encoder"),
+}
+
+
+def test_spin_jax_builds_the_same_networks(tiny):
+    """The inferred configs build the same spin_jax modules as the folder's configs, and the
+    state dicts convert to the same Flax params (what ``load_pretrained`` would do)."""
+    import json
+
+    import jax
+
+    from spin_jax.models import convert
+    from spin_jax.models.clip import text_encoder_from_config, text_encoder_param_shapes
+    from spin_jax.models.unet import unet_from_config, unet_param_shapes
+    from spin_jax.models.vae import vae_from_config, vae_param_shapes
+
+    builders = {
+        "unet": (unet_from_config, unet_param_shapes),
+        "vae": (vae_from_config, vae_param_shapes),
+        "text_encoder": (text_encoder_from_config, text_encoder_param_shapes),
+    }
+    variant, folder, _, sds, path = tiny
+    sf = read_single_file(
+        path, prediction_type=PREDICTION[variant], overrides=TINY_OVERRIDES[variant]
+    )
+    for name in SPIN_JAX_NETWORKS[variant]:
+        build, shapes_of = builders[name]
+        with open(os.path.join(folder, name, "config.json")) as f:
+            ref_model = build(json.load(f), attention_impl="xla")
+        model = build(sf.configs[name], attention_impl="xla", source=f"{path} ({name})")
+        assert model == ref_model, name
+        shapes = shapes_of(model)
+        got = convert.torch_to_flax(sf.state_dicts[name], shapes, source=path)
+        ref = convert.torch_to_flax(_with_text_model(name, sds[name]), shapes)
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), got, ref)
+
+
+def test_arrays_are_views_of_the_file(tiny):
+    variant, _, _, _, path = tiny
+    sf = read_single_file(
+        path, prediction_type=PREDICTION[variant], overrides=TINY_OVERRIDES[variant]
+    )
+    for name, sd in sf.state_dicts.items():
+        for k, v in sd.items():  # read-only memory-map views, split and transposed in place
+            assert not v.flags.writeable and not v.flags.owndata, (name, k)

@@ -361,7 +361,7 @@ def _openclip_to_file(
     for key, value in t.items():
         if key in _OPENCLIP_TOP_BACK:
             new = _OPENCLIP_TOP_BACK[key]
-            out[new] = np.ascontiguousarray(value.T) if new == "text_projection" else value
+            out[new] = value.T if new == "text_projection" else value
             continue
         m = _HF_LAYER.fullmatch(key)
         if m:
@@ -683,10 +683,24 @@ def read_single_file(
     read-only views of the file in its dtype. Pickled checkpoints (``.ckpt`` etc.) are refused
     unless ``allow_pickle`` (then read with torch, which must be installed).
     """
+    return convert_from_original(
+        _load(path, allow_pickle), prediction_type=prediction_type, overrides=overrides, where=path
+    )
+
+
+def convert_from_original(
+    tensors: Mapping[str, np.ndarray],
+    *,
+    prediction_type: str | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    where: str = "checkpoint",
+) -> SingleFile:
+    """``read_single_file`` on tensors already in memory ({original key: array}); ``where``
+    names them in errors. Arrays are passed through as views (no copies)."""
     prediction_type = prediction_type or "epsilon"
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")  # fmt: skip
-    tensors = _load(path, allow_pickle)
+    path = where
     keys = list(tensors)
     family = _detect_family(keys, path)
     text_prefixes = TEXT_PREFIXES[family]
@@ -800,6 +814,18 @@ def write_single_file(
     """
     from safetensors.numpy import save_file
 
+    arrays = {
+        k: np.ascontiguousarray(v) for k, v in convert_to_original(state_dicts, family).items()
+    }
+    save_file(arrays, path, metadata=dict(metadata) if metadata else None)
+    return path
+
+
+def convert_to_original(
+    state_dicts: Mapping[str, Mapping[str, np.ndarray]], family: str
+) -> dict[str, np.ndarray]:
+    """``write_single_file`` without the file: {original key: array} (views where a rename
+    is all it takes; fused qkv and the SD 2.x placeholders are new arrays)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     needed = ("unet", "vae", *TEXT_PREFIXES[family])
@@ -848,6 +874,4 @@ def write_single_file(
         unknown += [f"{name}: {k}" for k in bad]
     if unknown:
         raise _unknown_error(f"write_single_file({family})", unknown, "keys have no original-layout name")  # fmt: skip
-    arrays = {k: np.ascontiguousarray(v) for k, v in out.items()}
-    save_file(arrays, path, metadata=dict(metadata) if metadata else None)
-    return path
+    return out
