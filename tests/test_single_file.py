@@ -665,3 +665,26 @@ def test_arrays_are_views_of_the_file(tiny):
     for name, sd in sf.state_dicts.items():
         for k, v in sd.items():  # read-only memory-map views, split and transposed in place
             assert not v.flags.writeable and not v.flags.owndata, (name, k)
+
+
+def test_half_precision_file_keeps_its_dtype(sd1_file, tmp_path):
+    _, sds = sd1_file
+    half = {n: {k: v.astype(np.float16) for k, v in sd.items()} for n, sd in sds.items()}
+    path = write_single_file(half, "sd1", str(tmp_path / "fp16.safetensors"))
+    sf = read_single_file(path, overrides=TINY_OVERRIDES["sd1"])
+    for name, sd in half.items():
+        for k, v in _with_text_model(name, sd).items():
+            got = sf.state_dicts[name][k]
+            assert got.dtype == np.float16
+            np.testing.assert_array_equal(got, v)
+
+
+def test_incomplete_network_is_named(sd1_file, tmp_path):
+    src, _ = sd1_file
+
+    def drop(t):
+        del t["first_stage_model.decoder.conv_in.weight"]
+
+    path = _rewrite(src, str(tmp_path / "partial.safetensors"), drop)
+    with pytest.raises(ValueError, match=r"the vae lacks the tensor 'decoder\.conv_in\.weight'"):
+        read_single_file(path, overrides=TINY_OVERRIDES["sd1"])

@@ -614,7 +614,13 @@ def _load(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
             import torch
         except ImportError:
             raise ImportError(f"reading the pickled checkpoint {path} needs torch") from None
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # tensors and plain containers only, even when pickles are allowed
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(
+                f"{path}: torch.load(weights_only=True) cannot read it ({type(e).__name__}: "
+                f"{str(e)[:200]}); convert it to safetensors with the tool that wrote it"
+            ) from None
         state = state.get("state_dict", state)
         out = {}
         for k, v in state.items():
@@ -753,16 +759,23 @@ def convert_from_original(
     if unknown:
         raise _unknown_error(path, unknown, "keys left over after mapping to diffusers names")
 
-    configs = {
-        "unet": _unet_config(state_dicts["unet"], family, prediction_type, path),
-        "vae": _vae_config(state_dicts["vae"], family, prediction_type),
+    configs: dict[str, dict[str, Any]] = {}
+    act = "quick_gelu" if family == "sd1" else "gelu"
+    infer = {
+        "unet": lambda d: _unet_config(d, family, prediction_type, path),
+        "vae": lambda d: _vae_config(d, family, prediction_type),
+        # SDXL's first encoder is CLIP ViT-L (quick_gelu), its second OpenCLIP bigG
+        "text_encoder": lambda d: _text_config(d, "quick_gelu" if family == "sdxl" else act, False),
+        "text_encoder_2": lambda d: _text_config(d, "gelu", True),
     }
-    if family == "sdxl":
-        configs["text_encoder"] = _text_config(state_dicts["text_encoder"], "quick_gelu", False)
-        configs["text_encoder_2"] = _text_config(state_dicts["text_encoder_2"], "gelu", True)
-    else:
-        act = "quick_gelu" if family == "sd1" else "gelu"
-        configs["text_encoder"] = _text_config(state_dicts["text_encoder"], act, False)
+    for name, sd in state_dicts.items():
+        try:
+            configs[name] = infer[name](sd)
+        except (KeyError, StopIteration) as e:
+            what = (
+                f"the tensor {e.args[0]!r} (diffusers name)" if e.args else "its attention layers"
+            )
+            raise ValueError(f"{path}: the {name} lacks {what}, which every {family} {name} has") from None  # fmt: skip
     configs["scheduler"] = _scheduler_config(family, prediction_type)
     configs["model_index"] = {
         "_class_name": "StableDiffusionXLPipeline"
