@@ -688,3 +688,19 @@ def test_incomplete_network_is_named(sd1_file, tmp_path):
     path = _rewrite(src, str(tmp_path / "partial.safetensors"), drop)
     with pytest.raises(ValueError, match=r"the vae lacks the tensor 'decoder\.conv_in\.weight'"):
         read_single_file(path, overrides=TINY_OVERRIDES["sd1"])
+
+
+def test_missing_network_names_its_prefix(tiny):
+    from spin_jax.models.single_file import convert_from_original
+
+    variant, _, _, _, path = tiny
+    tensors = load_file(path)
+    without = lambda p: {k: v for k, v in tensors.items() if not k.startswith(p)}  # noqa: E731
+    with pytest.raises(ValueError, match=r"x\.safetensors: no unet .*'model\.diffusion_model\.'"):
+        convert_from_original(without("model.diffusion_model."), where="x.safetensors")
+    if variant == "sdxl":
+        with pytest.raises(ValueError, match=r"no text_encoder_2 .*'conditioner\.embedders\.1\.model\.'"):  # fmt: skip
+            convert_from_original(without("conditioner.embedders.1."))
+    else:
+        with pytest.raises(ValueError, match=r"no text encoder found"):
+            convert_from_original(without("cond_stage_model."))

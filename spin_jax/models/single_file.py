@@ -640,10 +640,10 @@ def _split(tensors: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarr
 
 def _detect_family(keys: list[str], path: str) -> str:
     has = lambda p: any(k.startswith(p) for k in keys)  # noqa: E731
-    if has("conditioner.embedders.1.model.") and has("conditioner.embedders.0.transformer."):
-        return "sdxl"
     if has("conditioner.embedders.0.model."):
         raise ValueError(f"{path}: an SDXL refiner checkpoint (one OpenCLIP encoder) is not supported")  # fmt: skip
+    if has("conditioner.embedders."):  # a missing one of the two is reported by name later
+        return "sdxl"
     if has("cond_stage_model.model."):
         return "sd2"
     if has("cond_stage_model.transformer."):
