@@ -84,7 +84,8 @@ class SingleFile:
 
 
 # --------------------------------------------------------------------------------------------
-# Module-kind tables: inner module names, original -> diffusers (None: inner name kept).
+# Module-kind tables: inner module names, original -> diffusers ("param": the prefix names one
+# layer, whose weight/bias keep their names).
 
 _INNER: dict[str, dict[str, str]] = {
     "param": {"": ""},
