@@ -1,4 +1,4 @@
-"""The loss family: SFT, SPIN-Diffusion, Diffusion-DPO, Diffusion-KTO and SePPO.
+"""The loss family: SFT, SPIN-Diffusion, Diffusion-DPO, Diffusion-KTO, SePPO and PSO.
 
 Every loss is a pure function of per-sample error arrays (shape ``[B]``, the mean squared error
 of a model's prediction against the diffusion target, see ``per_sample_error``) plus scalars, and
@@ -237,5 +237,73 @@ def kto(
         "err_policy": _mean(err_policy, axis_name),
         "err_ref": _mean(err_ref, axis_name),
         "desirable_frac": _mean(desirable.astype(jnp.float32), axis_name),
+    }
+    return loss, metrics
+
+
+def pso(
+    err_policy_w: jax.Array,
+    err_policy_l: jax.Array,
+    err_ref_w: jax.Array,
+    err_ref_l: jax.Array,
+    beta,
+    *,
+    reference_weight: float = 1.0,
+    axis_name: str | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """Offline PSO: Diffusion-DPO's loss on (target ``w``, reference image ``l``) pairs noised
+    at the distilled timesteps, with the reference image's term weighted by
+    ``reference_weight``: ``inside = -(beta/2) * (d_w - reference_weight * d_l)``. With weight
+    1 (the default) it is ``dpo`` exactly."""
+    loss, metrics = _pairwise(
+        "pso", err_policy_w, err_policy_l, err_ref_w, err_ref_l, beta,
+        float(reference_weight), ("w", "l"), axis_name,
+    )  # fmt: skip
+    return loss, metrics
+
+
+def pso_online(
+    logp_w: jax.Array,
+    logp_w_ref: jax.Array,
+    logp_l: jax.Array,
+    logp_l_ref: jax.Array,
+    beta,
+    clip: float = 0.1,
+    *,
+    axis_name: str | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """Online PSO on transition log-probabilities of a target (``w``) and a reference (``l``)
+    trajectory, ``[B]`` each (one entry per pair and transition ``x_n -> x_{n-1}``).
+
+    ``r = clip(exp(logp - logp_ref), 1 - clip, 1 + clip)`` per trajectory (no gradient outside
+    the clip range), ``L = mean -log sigmoid(beta * (log r_w - log r_l))``: ``log 2`` when the
+    policy equals the reference. The clip is taken on the log-ratio, ``[log(1 - clip),
+    log(1 + clip)]``, which is the same value without overflowing ``exp``.
+    """
+    check_beta(beta, "pso_online")
+    if not 0.0 < float(clip) < 1.0:
+        raise ValueError(f"losses.pso_online: clip must be in (0, 1), got {clip!r}")
+    _check_same_shape("pso_online", logp_w=logp_w, logp_w_ref=logp_w_ref, logp_l=logp_l,
+                      logp_l_ref=logp_l_ref)  # fmt: skip
+    lo, hi = float(np.log1p(-clip)), float(np.log1p(clip))
+    log_r_w = logp_w.astype(jnp.float32) - jax.lax.stop_gradient(logp_w_ref).astype(jnp.float32)
+    log_r_l = logp_l.astype(jnp.float32) - jax.lax.stop_gradient(logp_l_ref).astype(jnp.float32)
+    clipped_w, clipped_l = jnp.clip(log_r_w, lo, hi), jnp.clip(log_r_l, lo, hi)
+    inside = beta * (clipped_w - clipped_l)
+    loss = _mean(-jax.nn.log_sigmoid(inside), axis_name)
+
+    def outside(x):
+        return ((x < lo) | (x > hi)).astype(jnp.float32)
+
+    metrics = {
+        "loss": loss,
+        "implicit_acc": _mean((inside > 0).astype(jnp.float32), axis_name),
+        "reward_margin": _mean(inside, axis_name),
+        "log_ratio_w": _mean(log_r_w, axis_name),
+        "log_ratio_l": _mean(log_r_l, axis_name),
+        "clip_frac_w": _mean(outside(log_r_w), axis_name),
+        "clip_frac_l": _mean(outside(log_r_l), axis_name),
+        "logp_w": _mean(logp_w, axis_name),
+        "logp_l": _mean(logp_l, axis_name),
     }
     return loss, metrics
