@@ -1,5 +1,5 @@
 r"""Trains with any objective of spin_jax.train.objectives: SPIN-Diffusion self-play, SePPO, or a
-baseline (SFT, Diffusion-DPO, Diffusion-KTO).
+baseline (SFT, Diffusion-DPO, Diffusion-KTO), or PSO (offline, or online with a reward model).
 
   python launch/train.py --config=configs/spin.py --workdir=runs/spin \
       --config.model.path=/data/sd15 --config.data.path=/data/pickapic_v2
@@ -41,8 +41,9 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it touches at INFO
     config = _CONFIG.value
     try:
+        reward_fn = _reward_fn(config)  # before any sampling: missing weights fail here
         with interrupt.Guard() as guard:
-            loop.run(config, _WORKDIR.value, guard)
+            loop.run(config, _WORKDIR.value, guard, reward_fn=reward_fn)
     except loop.Interrupted as e:
         interrupt.exit_interrupted(f"interrupted {e}; rerun the same command to resume")
     except (ValueError, FileNotFoundError, runlock.LockedError, loop.NonFiniteLossError,
@@ -53,6 +54,24 @@ def main(argv):
         from spin_jax.toy.demo import demo_report
 
         demo_report(_WORKDIR.value, config)
+
+
+def _reward_fn(config):
+    """Online PSO's reward model (``pso.reward`` from ``pso.scorers``), None for the others."""
+    if config.objective != "pso_online":
+        return None
+    from spin_jax.eval import scorers
+    from spin_jax.train import pso
+
+    name, cfg = config.pso.reward, pso.scorer_config(config)
+    reason = scorers.check_scorer(name, cfg)
+    if reason:
+        raise FileNotFoundError(
+            f"online PSO labels its pairs with {name}, whose weights are missing: "
+            f"config.pso.{reason} (set --config.pso.scorers.{name}.<field>=PATH)"
+        )
+    scorer = scorers.load_scorer(name, cfg, batch_size=int(config.pso.reward_batch_size))
+    return pso.reward_from_scorer(scorer)
 
 
 if __name__ == "__main__":

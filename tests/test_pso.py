@@ -98,3 +98,169 @@ def test_offline_pso_loss_is_dpo_and_reference_weight():
     c, _ = losses.pso(pw, pl, rw, rl, 50.0, reference_weight=0.1)
     inside = -(50.0 / 2) * ((pw - rw) - 0.1 * (pl - rl)).astype(np.float64)
     np.testing.assert_allclose(c, np.mean(np.logaddexp(0.0, -inside)), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Offline PSO: the distilled timesteps and the train step.
+
+
+def _config(**pso):
+    from spin_jax.train.config import base_config
+
+    c = base_config()
+    c.objective = "pso"
+    c.model.path = "/models/tiny"
+    c.sample.sampler = "auto"
+    for k, v in pso.items():
+        if k.startswith("sample_"):
+            c.sample[k.removeprefix("sample_")] = v
+        else:
+            c.pso[k] = v
+    return c
+
+
+def _schedule(kind):
+    from tiny_sd import scheduler_config, sdxl_scheduler_config
+
+    from spin_jax.diffusion import schedule_from_config
+
+    return schedule_from_config(
+        scheduler_config() if kind == "ddim" else sdxl_scheduler_config(kind)
+    )
+
+
+def test_distilled_timesteps():
+    from spin_jax.diffusion import samplers
+    from spin_jax.train import pso
+
+    grid = [999, 749, 499, 249]
+    # SDXL-Turbo (Euler ancestral, trailing): the sampler's 4 steps are the paper's grid.
+    np.testing.assert_array_equal(pso.distilled_timesteps(_config(), _schedule("turbo")), grid)
+    # LCM: what LCMScheduler visits (from its 50 distillation steps) ...
+    lcm = pso.distilled_timesteps(_config(), _schedule("lcm"))
+    np.testing.assert_array_equal(lcm, samplers.lcm_timesteps(_schedule("lcm"), 4))
+    np.testing.assert_array_equal(lcm, [999, 759, 499, 259])
+    # ... DMD2's custom sampler timesteps, the grid by rule, or given ones.
+    dmd2 = _config(sample_timesteps=(999, 749, 499, 249))
+    np.testing.assert_array_equal(pso.distilled_timesteps(dmd2, _schedule("lcm")), grid)
+    np.testing.assert_array_equal(
+        pso.distilled_timesteps(_config(timestep_source="grid"), _schedule("lcm")), grid
+    )
+    np.testing.assert_array_equal(
+        pso.distilled_timesteps(_config(timestep_source="grid", num_steps=2), _schedule("ddim")),
+        [999, 499],
+    )
+    given = _config(timesteps=(249, 999, 499))
+    np.testing.assert_array_equal(
+        pso.distilled_timesteps(given, _schedule("ddim")), [999, 499, 249]
+    )
+    with pytest.raises(ValueError, match="distinct integers"):
+        pso.distilled_timesteps(_config(timesteps=(999, 1000)), _schedule("ddim"))
+
+
+def test_no_few_step_scheduler_says_how_to_set_timesteps():
+    from spin_jax.train import pso
+
+    with pytest.raises(ValueError, match=r"DDIMScheduler.*--config\.pso\.timesteps=") as e:
+        pso.distilled_timesteps(_config(), _schedule("ddim"))
+    assert "/models/tiny" in str(e.value)
+
+
+def test_train_step_draws_exactly_the_distilled_timesteps_and_equals_dpo():
+    import optax
+    from test_train_step import TEXT_PARAMS, encode_text, init_params, make_batch, unet_apply
+
+    from spin_jax.train import step as step_lib
+    from spin_jax.train.state import TrainState
+
+    distilled = (999, 749, 499, 249)
+    schedule = _schedule("turbo")
+    batch = make_batch("pso", 512)
+    drawn = step_lib.draw_inputs("pso", batch, jax.random.key(3), 1000, timesteps=distilled)
+    assert set(np.asarray(drawn["t"]).tolist()) == set(distilled)
+    np.testing.assert_array_equal(drawn["noise_a"], drawn["noise_b"])  # shared noise
+
+    params = init_params()
+    small = make_batch("pso", 8)
+    out = {}
+    for name in ("pso", "dpo"):
+        fn = step_lib.make_train_step(name, unet_apply=unet_apply, encode_text=encode_text,
+                                      schedule=schedule, beta=50.0, timesteps=distilled)  # fmt: skip
+        state = TrainState.create(params, optax.sgd(1e-3))
+        out[name] = jax.jit(fn)(state, params, TEXT_PARAMS, small, jax.random.key(0))
+    np.testing.assert_allclose(out["pso"][1]["loss"], np.log(2), rtol=1e-6)  # theta = ref
+    chex.assert_trees_all_close(out["pso"][1], out["dpo"][1], rtol=1e-6)
+    chex.assert_trees_all_close(out["pso"][0].params, out["dpo"][0].params, rtol=1e-6)
+    with pytest.raises(ValueError, match="timesteps"):
+        step_lib.make_train_step("pso", unet_apply=unet_apply, schedule=schedule, beta=50.0,
+                                 timesteps=(1000,))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Transition log-densities against a direct Gaussian density.
+
+
+def np_gaussian_logp(x, mean, std):
+    x, mean = np.asarray(x, np.float64), np.asarray(mean, np.float64)
+    std = np.broadcast_to(np.asarray(std, np.float64), x.shape)
+    d = -0.5 * ((x - mean) / std) ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi)
+    return d.reshape(x.shape[0], -1).mean(1)
+
+
+def test_gaussian_log_prob_matches_numpy():
+    from spin_jax.diffusion import samplers
+
+    rng = np.random.default_rng(0)
+    x, mean = rng.normal(size=(2, 3, 4, 4, 2)).astype(np.float32)
+    for std in (np.float32(0.3), rng.uniform(0.1, 2.0, size=(3, 1, 1, 1)).astype(np.float32)):
+        got = samplers.gaussian_log_prob(jnp.asarray(x), jnp.asarray(mean), std)
+        np.testing.assert_allclose(got, np_gaussian_logp(x, mean, std), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["turbo", "lcm"])
+def test_transition_log_prob_of_sampler_trajectory(kind):
+    # A trajectory of the sampler with known step noises: each stochastic step's log-density
+    # under the transition is the standard normal density of that noise, shifted by -log std;
+    # and it equals the density of the Gaussian computed here in NumPy from the tables.
+    from spin_jax.diffusion import samplers
+
+    schedule = _schedule(kind)
+    b, shape = 3, (4, 4, 2)
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=shape).astype(np.float32) * 0.3
+
+    def model_fn(x, t):
+        return jnp.tanh(x * w) + 1e-3 * jnp.asarray(t, jnp.float32)[:, None, None, None]
+
+    x_T = rng.normal(size=(b, *shape)).astype(np.float32)
+    noises = rng.normal(size=(4, b, *shape)).astype(np.float32)
+    if kind == "turbo":
+        fn, log_prob = samplers.euler_ancestral, samplers.euler_ancestral_log_prob
+        tables = samplers.euler_ancestral_tables(schedule, 4)
+        tables.pop("init_noise_sigma")
+        std_key = "sigma_up"
+    else:
+        fn, log_prob = samplers.lcm, samplers.lcm_log_prob
+        tables = samplers.lcm_tables(schedule, 4)
+        std_key = "std"
+    _, states = fn(model_fn, x_T, schedule, 4, noises=noises, return_states=True)
+    states = np.asarray(states, np.float64)
+    for i in range(3):  # the last step is deterministic
+        row = {k: v[i] for k, v in tables.items()}
+        x = states[i]
+        if kind == "turbo":
+            out = np.asarray(model_fn(x / row["scale"], np.full(b, row["t"])), np.float64)
+            x0 = x - row["sigma"] * out
+            mean = x + (x - x0) / row["sigma"] * (row["sigma_down"] - row["sigma"])
+        else:
+            out = np.asarray(model_fn(x, np.full(b, row["t"])), np.float64)
+            x0 = (x - row["sqrt_b"] * out) / row["sqrt_a"]
+            mean = row["mean_scale"] * (row["c_out"] * x0 + row["c_skip"] * x)
+        std = float(row[std_key])
+        assert std > 0
+        got = log_prob(schedule, row, jnp.asarray(x, jnp.float32),
+                       jnp.asarray(states[i + 1], jnp.float32), jnp.asarray(out, jnp.float32))  # fmt: skip
+        np.testing.assert_allclose(got, np_gaussian_logp(states[i + 1], mean, std), rtol=1e-4)
+        np.testing.assert_allclose(got, np_gaussian_logp(noises[i], 0.0, 1.0) - np.log(std),
+                                   rtol=1e-4)  # fmt: skip
+    assert float(tables[std_key][3]) == 0.0

@@ -91,6 +91,7 @@ def _build(
     return_latents: bool,
     sampler: str,
     sampler_kwargs: tuple,
+    return_states: bool = False,
 ) -> Callable:
     sample_fn = samplers.SAMPLERS[sampler]
     kwargs = dict(sampler_kwargs)
@@ -162,11 +163,18 @@ def _build(
                 return jax.random.normal(k, (num_noises, *latent_shape), jnp.float32)
 
             extra["noises"] = jnp.swapaxes(jax.vmap(step_noise)(ids_), 0, 1)
-        x0 = sample_fn(model_fn, x_T, sd.schedule, num_steps, **extra)
+        if return_states:
+            x0, states = sample_fn(model_fn, x_T, sd.schedule, num_steps, return_states=True,
+                                   **extra)  # fmt: skip
+            states = jnp.swapaxes(states, 0, 1)  # [B, S + 1, ...]: split over the batch
+        else:
+            x0 = sample_fn(model_fn, x_T, sd.schedule, num_steps, **extra)
         if not decode:
-            return x0
+            return (x0, states) if return_states else x0
         images = sd.vae_decode(params["vae"], x0 / sd.scaling_factor)
         images = jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
+        if return_states:
+            return images, states
         return (images, x0) if return_latents else images
 
     return jax.jit(run, out_shardings=parallel.batch_sharding(mesh))
@@ -191,6 +199,7 @@ def generate(
     example_ids: Any = None,
     sampler_kwargs: dict | None = None,
     return_latents: bool = False,
+    return_states: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Images NHWC float32 in [-1, 1] for tokenized prompts (or the final scaled latents).
 
@@ -210,12 +219,19 @@ def generate(
     (e.g. DMD2's [999, 749, 499, 249]) for the samplers that take them. Stochastic samplers
     draw step i's noise of example j from ``fold_in(fold_in(key, example_ids[j]), 1)``.
     ``sampler_kwargs`` go to the sampler (e.g. ``order``, ``eta``). ``mesh``: batch split over
-    its data axes; default all local devices.
+    its data axes; default all local devices. ``return_states=True`` (the few-step samplers
+    only) returns ``(images or latents, states)`` with the trajectory ``states`` [B, S + 1, h, w,
+    C] (``samplers.euler``'s ``return_states``, per example: online PSO's transitions).
     """
     if sampler is None:
         sampler = samplers.default_sampler(sd.schedule)
     if sampler not in samplers.SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is not one of {sorted(samplers.SAMPLERS)}")
+    if (
+        return_states
+        and "return_states" not in inspect.signature(samplers.SAMPLERS[sampler]).parameters
+    ):
+        raise ValueError(f"return_states=True: sampler {sampler!r} does not return its states")
     ids = np.asarray(prompt_ids)
     want = "[B, L]" if not sd.family.pooled else f"[B, {len(sd.family.tokenizers)}, L]"
     ndim = 2 if not sd.family.pooled else 3
@@ -295,6 +311,7 @@ def generate(
         bool(decode and return_latents),
         sampler,
         tuple(sorted(sampler_kwargs.items())),
+        bool(return_states),
     )
     fn = cache.get(static)
     if fn is None:

@@ -799,3 +799,42 @@ def default_sampler(schedule: Schedule) -> str:
     scheduler class; DPM-Solver++ for the other DDPM-family classes (PNDM, DDPM, ...) and for
     configs without ``_class_name``."""
     return _DEFAULT_SAMPLERS.get(schedule.class_name, "dpm_solver_pp")
+
+
+# ----------------------------------------------------------------------------------------------
+# Transition log-densities of the stochastic few-step samplers (online PSO)
+
+
+def gaussian_log_prob(x: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+    """``log N(x; mean, std^2 I)`` averaged over the non-batch axes (ALGORITHMS.md, PSO):
+    ``[B, ...] -> [B]`` float32. ``std`` > 0, a scalar or broadcastable to ``x``."""
+    x, mean = x.astype(jnp.float32), mean.astype(jnp.float32)
+    std = jnp.broadcast_to(jnp.asarray(std, jnp.float32), x.shape)
+    z = (x - mean) / std
+    dens = -0.5 * jnp.square(z) - jnp.log(std) - np.float32(0.5 * np.log(2 * np.pi))
+    return jnp.mean(dens, axis=tuple(range(1, x.ndim)))
+
+
+def euler_ancestral_log_prob(
+    schedule: Schedule, row: dict, x: jax.Array, x_next: jax.Array, model_out: jax.Array
+) -> jax.Array:
+    """Per-example mean log-density [B] of the Euler ancestral step ``x -> x_next`` (states of
+    ``euler_ancestral(..., return_states=True)``) given the model output at ``x``; ``row`` one
+    stochastic step (``sigma_up`` > 0) of ``euler_ancestral_tables``."""
+    mean, std = euler_ancestral_transition(schedule, row, x, model_out.astype(jnp.float32))
+    return gaussian_log_prob(x_next, mean, std)
+
+
+def lcm_log_prob(
+    schedule: Schedule, row: dict, x: jax.Array, x_next: jax.Array, model_out: jax.Array
+) -> jax.Array:
+    """Per-example mean log-density [B] of the LCM step ``x -> x_next`` given the model output
+    at ``x``; ``row`` one stochastic step (every step but the last) of ``lcm_tables``."""
+    mean, std = lcm_transition(schedule, row, x, model_out.astype(jnp.float32))
+    return gaussian_log_prob(x_next, mean, std)
+
+
+TRANSITION_LOG_PROBS: dict[str, Callable[..., jax.Array]] = {
+    "euler_ancestral": euler_ancestral_log_prob,
+    "lcm": lcm_log_prob,
+}

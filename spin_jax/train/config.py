@@ -83,8 +83,13 @@ def base_config() -> ml_collections.ConfigDict:
     # base, or latest (the paper's ablation).
     c.seppo.reference = "uniform"
 
+    c.pso = pso_config()
+
     c.sample = ml_collections.ConfigDict()
+    # A name of spin_jax.diffusion.samplers.SAMPLERS, or "auto": the sampler diffusers' pipeline
+    # uses with the model folder's scheduler (few-step models: euler_ancestral, lcm).
     c.sample.sampler = "dpm_solver_pp"
+    c.sample.timesteps = ()  # custom descending sampler timesteps (SDXL-DMD2: 999, 749, 499, 249)
     c.sample.num_steps = 20
     c.sample.guidance_scale = 7.5
     c.sample.batch_size = 64  # global
@@ -111,6 +116,41 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1: all devices not used by fsdp
     c.mesh.fsdp = 1  # -1: all devices (parameters and optimizer state split over every one)
     return c
+
+
+def pso_config() -> ml_collections.ConfigDict:
+    """The ``pso`` section (PSO, ALGORITHMS.md; read only by the pso objectives)."""
+    p = ml_collections.ConfigDict()
+    p.num_steps = 4  # N, the distilled model's sampling steps
+    # Training timesteps of offline PSO; empty: from pso.timestep_source.
+    p.timesteps = ()
+    # "sampler": the timesteps the model's few-step sampler visits in pso.num_steps steps
+    # (sample.sampler, "auto" = the folder's scheduler; sample.timesteps if set): LCM's
+    # lcm_timesteps, Euler (ancestral)'s spaced ones. "grid": arange(N, 0, -1) * (T // N) - 1,
+    # the paper's formula (choice: "sampler", which is the grid for trailing Euler ancestral
+    # and DMD2's custom timesteps, and what an LCM scheduler really visits otherwise).
+    p.timestep_source = "sampler"
+    p.reference_weight = 1.0  # weight of the reference image's term (released script: 0.1)
+    p.prior_weight = 0.0  # + this x the policy's error on the reference images (script: 0.5)
+    p.clip = 0.1  # online: ratios clipped to [1 - clip, 1 + clip]
+    p.pairs_per_round = 128  # online: prompts per round, two trajectories each
+    # Online: the reward model labelling the pairs (a metric of spin_jax.eval.scorers), with
+    # its files as configs/eval.py's scorers.<name> section names them.
+    p.reward = "pickscore"
+    p.reward_batch_size = 64
+    # Online: keep each finished round's trajectories (iteration_k/pairs/trajectories; SDXL:
+    # about 330 MB per 128 pairs) or delete them once the round is done (scores are kept; a
+    # redone round samples them again, the same way).
+    p.keep_trajectories = False
+    p.scorers = ml_collections.ConfigDict()
+    p.scorers.pickscore = ml_collections.ConfigDict({"model": "", "tokenizer": ""})
+    p.scorers.hpsv2 = ml_collections.ConfigDict({"weights": "", "tokenizer": "",
+                                                 "model_config": ""})  # fmt: skip
+    p.scorers.imagereward = ml_collections.ConfigDict({"weights": "", "med_config": "",
+                                                       "tokenizer": "", "vision_num_heads": 0,
+                                                       "max_length": 35})  # fmt: skip
+    p.scorers.aesthetic = ml_collections.ConfigDict({"clip": "", "head": ""})
+    return p
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -171,6 +211,26 @@ def validate(c: ml_collections.ConfigDict) -> None:
         fail("seppo.reference", f"must be one of {objectives.REFERENCE_CHOICES}")
     if float(c.loss.sft_weight) < 0:
         fail("loss.sft_weight", "must be >= 0")
+    if c.objective.startswith("pso"):
+        _validate_pso(c, fail)
+
+
+def _validate_pso(c: ml_collections.ConfigDict, fail) -> None:
+    p = c.pso
+    if int(p.num_steps) < 1:
+        fail("pso.num_steps", "must be >= 1")
+    if p.timestep_source not in ("sampler", "grid"):
+        fail("pso.timestep_source", "must be 'sampler' or 'grid'")
+    if not 0.0 < float(p.clip) < 1.0:
+        fail("pso.clip", "must be in (0, 1)")
+    if float(p.reference_weight) < 0 or float(p.prior_weight) < 0:
+        fail("pso.reference_weight" if float(p.reference_weight) < 0 else "pso.prior_weight",
+             "must be >= 0")  # fmt: skip
+    if c.objective == "pso_online":
+        if int(p.pairs_per_round) < 1:
+            fail("pso.pairs_per_round", "must be >= 1")
+        if p.reward not in p.scorers:
+            fail("pso.reward", f"must be one of {sorted(p.scorers)}")
 
 
 def accumulation(c: ml_collections.ConfigDict, data_parallel: int) -> tuple[int, str]:

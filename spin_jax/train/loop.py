@@ -35,7 +35,7 @@ import numpy as np
 from spin_jax import parallel, platform, runlock
 from spin_jax.data.latent_cache import sample_latents
 from spin_jax.files import write_json
-from spin_jax.train import batches, checkpoints, objectives, rollout
+from spin_jax.train import batches, checkpoints, objectives, pso, rollout
 from spin_jax.train import config as config_lib
 from spin_jax.train import metrics as metrics_lib
 from spin_jax.train.batches import Interrupted  # noqa: F401  (re-exported)
@@ -101,6 +101,13 @@ def make_step(config: ml_collections.ConfigDict, objective: objectives.Objective
     objective's train step. ``(state, ref, text, batch, key, beta) -> (state, metrics)``."""
     c = config
     cached = sorted(set(objective.cache_fields.values()))
+    if objective.rollout == "online_pairs":  # online PSO: transitions, not noised latents
+        return pso.make_online_step(c, sd, learning_rate_fn=lr_fn, mesh=mesh)
+    timesteps = None
+    if objective.timesteps == "distilled":  # offline PSO: the few-step model's timesteps
+        timesteps = pso.distilled_timesteps(c, sd.schedule)
+        how = "pso.timesteps" if c.pso.timesteps else f"pso.timestep_source {c.pso.timestep_source}"
+        say(f"timesteps: {timesteps.tolist()} (distilled, {how})")
 
     def step(state, ref_params, text_params, batch, key, beta):
         train_step = make_train_step(
@@ -116,6 +123,8 @@ def make_step(config: ml_collections.ConfigDict, objective: objectives.Objective
             sft_weight=float(c.loss.sft_weight),
             learning_rate_fn=lr_fn,
             mesh=mesh,
+            timesteps=timesteps,
+            loss_options=objectives.loss_options(c),
         )
         k_post, k_step = jax.random.split(key)
         batch = dict(batch)
@@ -169,19 +178,24 @@ def _stop_requested(guard: Any) -> bool:
     return flag
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, guard: Any = None) -> list[dict[str, Any]]:
+def run(config: ml_collections.ConfigDict, workdir: str, guard: Any = None,
+        reward_fn: pso.RewardFn | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Runs (or resumes) the training job of ``config`` in ``workdir``; returns the rounds'
     summaries. Takes the workdir's lock (process 0) for the whole run.
+
+    ``reward_fn(images NHWC in [-1, 1], prompts) -> scores``: the reward model that labels
+    online PSO's pairs (the launcher builds it; ``train/`` never imports ``eval/``).
 
     ``guard`` (an ``interrupt.Guard``): when it reports a SIGTERM / SIGINT the run writes a
     checkpoint of the step it is at (or keeps the finished rollout / cache shards) and raises
     ``Interrupted`` saying where it stopped; the same command resumes."""
     config_lib.validate(config)
     with runlock.acquire(workdir, what="workdir", enabled=metrics_lib.is_main()):
-        return _run(config, workdir, guard)
+        return _run(config, workdir, guard, reward_fn)
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any) -> list[dict[str, Any]]:
+def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any,
+         reward_fn: pso.RewardFn | None = None) -> list[dict[str, Any]]:  # fmt: skip
     from spin_jax.models import load_pretrained
 
     c = config
@@ -191,6 +205,16 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any) -> list[di
     c = ml_collections.ConfigDict(c.to_dict())  # what this machine runs; config.json keeps config
     c.train.accum_steps = accum
     parallel.check_batch_divisible(c.train.batch_size // accum, mesh, what="micro-batch")
+    online = objective.rollout == "online_pairs"
+    if online:
+        n_dev = parallel.data_parallel_size(mesh)
+        if int(c.pso.pairs_per_round) % n_dev:
+            raise ValueError(f"config.pso.pairs_per_round = {c.pso.pairs_per_round}: must be "
+                             f"divisible by the {n_dev} data-parallel devices")  # fmt: skip
+        if reward_fn is None:
+            raise ValueError("config.objective = pso_online needs a reward model: loop.run(..., "
+                             "reward_fn=...); launch/train.py builds it from config.pso.reward "
+                             "and config.pso.scorers")  # fmt: skip
     if not os.path.isdir(c.model.path):
         raise FileNotFoundError(f"config.model.path: model directory not found: {c.model.path}")
     if not os.path.exists(c.data.path):
@@ -207,7 +231,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any) -> list[di
     # process's verdict, where they all are in step (a collective with several processes).
     local = (lambda: bool(guard.requested)) if guard is not None else None
     stop = (lambda: _stop_requested(guard)) if guard is not None else None
-    data = batches.open_data(c, objective, workdir, sd, barrier, local, stop)
+    if online:
+        pso.online_tables(c, sd.schedule)  # a sampler it can train, before any work
+        pso.check_guidance(c, sd)
+        data = pso.open_prompts(c, objective)
+    else:
+        data = batches.open_data(c, objective, workdir, sd, barrier, local, stop)
     writer = metrics_lib.MetricWriter(workdir)
     _report(c, objective, mesh, data, accum_why, f"{c.model.dtype} compute, {dtype_why}", sd)
 
@@ -246,7 +275,17 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any) -> list[di
         if not objective.continuous and start == 0 and k > 1:
             state = TrainState.create(state.params, tx, mesh=mesh)  # a fresh optimizer
         ro = None
-        if objective.rollout != "none":
+        if online:
+            ro = pso.roll_out_pairs(
+                config=c, sd=sd, policy=lambda st=state: parallel.local_copy(st.params), round_=k,
+                round_dir=checkpoints.round_dir(workdir, k), data=data, reward_fn=reward_fn,
+                barrier=barrier, stop=local, agree=stop,
+            )  # fmt: skip
+            scores = ro.scores.read(ro.kept).astype(np.float64)
+            writer.write((k - 1) * steps, {"rollout/pairs_kept": len(ro.kept),
+                                           "rollout/score_target": float(scores[:, 0].mean()),
+                                           "rollout/score_reference": float(scores[:, 1].mean())})  # fmt: skip
+        elif objective.rollout != "none":
             rows = batches.round_rows(c, objective, data, k)
             ro = rollout.roll_out(
                 objective.rollout, config=c, sd=sd, reference=refs.get(ref_round),
@@ -268,6 +307,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any) -> list[di
         summary = _finish_round(c, objective, sd, workdir, state, k, ref_round, beta, last,
                                 means, t_rollout, t_train)  # fmt: skip
         summaries.append(summary)
+        if online and not c.pso.keep_trajectories and metrics_lib.is_main():
+            pso.drop_trajectories(checkpoints.round_dir(workdir, k))
     writer.close()
     return summaries
 
@@ -294,8 +335,12 @@ def _train_round(c, workdir, objective, data, sd, mesh, writer, step_jit, state,
     logged: list[dict[str, float]] = []  # this attempt's logged rows, for the round's means
     last_step = start
     for s in range(start, steps):
-        local = batches.read_batch(c, objective, data, k, s, mesh, sd.tokenize, ro,
-                                   time_ids=sd.family.pooled)  # fmt: skip
+        if isinstance(ro, pso.OnlinePairs):
+            local = ro.read_batch(c, k, s, mesh, sd.tokenize, data.captions,
+                                  time_ids=sd.family.pooled)  # fmt: skip
+        else:
+            local = batches.read_batch(c, objective, data, k, s, mesh, sd.tokenize, ro,
+                                       time_ids=sd.family.pooled)  # fmt: skip
         batch = parallel.global_batch_from_local(local, mesh)
         stream, pos = batches.position(objective, k, s, steps)
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(c.seed), stream), pos)
@@ -390,8 +435,8 @@ def _grid(c, sd, unet_params, round_dir: str) -> None:
     images = generate(sd, dict(sd.params, unet=unet_params), sd.tokenize(prompts),
                       jax.random.key(c.log.grid_seed), num_steps=c.sample.num_steps,
                       guidance_scale=c.sample.guidance_scale, height=c.data.resolution,
-                      width=c.data.resolution, decode=True, sampler=c.sample.sampler,
-                      mesh=parallel.local_mesh())  # fmt: skip
+                      width=c.data.resolution, decode=True, sampler=pso.sampler_name(c, sd.schedule),
+                      timesteps=pso.custom_timesteps(c), mesh=parallel.local_mesh())  # fmt: skip
     metrics_lib.save_grid(np.asarray(images), os.path.join(round_dir, "grid.png"))
 
 

@@ -15,6 +15,12 @@ Rollout kinds (``spin_jax.train.rollout``): what the reference samples before ro
   none            nothing: the batch comes from the dataset alone
   dataset         one sample per training example (SPIN-Diffusion: the whole dataset)
   round_prompts   one sample per prompt the round's steps will read (SePPO)
+  online_pairs    two trajectories per prompt of ``pso.pairs_per_round`` drawn ones, sampled by
+                  the current policy and labelled by a reward model (online PSO,
+                  ``spin_jax.train.pso``); the round trains on their transitions
+
+Timesteps (``Objective.timesteps``): ``uniform`` over 0..T-1, or ``distilled``: the few-step
+model's own timesteps (``spin_jax.train.pso.distilled_timesteps``; PSO).
 
 Pairwise objectives read (``x0_w``, ``x0_l``); a rolled-out sample is always ``x0_l``.
 ``continuous``: the optimizer state, learning-rate schedule and data order carry over from
@@ -51,6 +57,7 @@ class Objective:
     continuous: bool = False
     always_share_noise: bool = False  # DPO: one noise per pair regardless of loss.share_noise
     rate_unit: str = "images"  # metric train/<unit>_per_s
+    timesteps: str = "uniform"  # uniform | distilled
 
     @property
     def pairwise(self) -> bool:
@@ -62,6 +69,9 @@ class Objective:
 
 
 PAIR = ("x0_w", "x0_l")
+# Online PSO: a transition x_n -> x_{n-1} of the target (w) and the reference (l) trajectory of
+# one prompt, and the sampler step n it is.
+TRANSITIONS = ("x_w", "x_w_next", "x_l", "x_l_next", "step")
 
 
 def _sft(err, err_ref, mb, beta, options):
@@ -86,6 +96,35 @@ def _pairwise(loss_fn):
     return call
 
 
+def _pso(err, err_ref, mb, beta, options):
+    # Offline PSO: DPO's loss with the reference image's term weighted (pso.reference_weight)
+    # plus pso.prior_weight x the policy's error on the reference images (the released
+    # personalization script's 0.1 and 0.5; 1 and 0 by default: Diffusion-DPO's loss).
+    del mb
+    n = err.shape[0] // 2
+    loss, metrics = losses.pso(err[:n], err[n:], err_ref[:n], err_ref[n:], beta,
+                               reference_weight=options.get("pso_reference_weight", 1.0))  # fmt: skip
+    prior = options.get("pso_prior_weight", 0.0)
+    if prior:
+        term = jnp.mean(err[n:])
+        metrics = dict(metrics, prior_term=term)
+        loss = loss + prior * term
+    weight = options.get("sft_weight", 0.0)
+    if weight:
+        sft = jnp.mean(err[:n])
+        metrics = dict(metrics, sft_term=sft)
+        loss = loss + weight * sft
+    return loss, metrics
+
+
+def _pso_online(logp, logp_ref, mb, beta, options):
+    # logp, logp_ref: [2n] transition log-densities, the targets' then the references'.
+    del mb
+    n = logp.shape[0] // 2
+    return losses.pso_online(logp[:n], logp_ref[:n], logp[n:], logp_ref[n:], beta,
+                             options.get("pso_clip", 0.1))  # fmt: skip
+
+
 def _kto(err, err_ref, mb, beta, options):
     return losses.kto(err, err_ref, mb["label"] > 0.5, beta, lambda_d=options["lambda_d"],
                       lambda_u=options["lambda_u"], z0=options.get("z0"))  # fmt: skip
@@ -102,6 +141,10 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("kto", _kto, "kto", {"image": "x0"}, ("x0", "label"), "base", "none"),
         Objective("seppo", _pairwise(losses.seppo), "winners", {"image": "x0_w"}, PAIR,
                   "seppo", "round_prompts", continuous=True, rate_unit="pairs"),
+        Objective("pso", _pso, "pairs", {"image": "x0_w", "image_l": "x0_l"}, PAIR, "base",
+                  "none", always_share_noise=True, rate_unit="pairs", timesteps="distilled"),
+        Objective("pso_online", _pso_online, "winners", {}, TRANSITIONS, "base",
+                  "online_pairs", continuous=True, rate_unit="transitions"),
     )
 }  # fmt: skip
 
@@ -148,4 +191,7 @@ def loss_options(config: Any) -> dict[str, Any]:
         "lambda_d": float(config.loss.kto_lambda_d),
         "lambda_u": float(config.loss.kto_lambda_u),
         "sft_weight": float(config.loss.get("sft_weight", 0.0)),
+        "pso_reference_weight": float(config.get("pso", {}).get("reference_weight", 1.0)),
+        "pso_prior_weight": float(config.get("pso", {}).get("prior_weight", 0.0)),
+        "pso_clip": float(config.get("pso", {}).get("clip", 0.1)),
     }

@@ -33,6 +33,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -72,12 +73,14 @@ def draw_inputs(
     num_train_timesteps: int,
     *,
     share_noise: bool = True,
+    timesteps: Any = None,
 ) -> dict[str, jax.Array]:
     """The batch's fields plus per-example randomness for the whole global batch.
 
-    ``t`` int32 [B] (one per pair), ``noise_a`` for the first latent field and, for pairwise
-    objectives, ``noise_b`` for the second: the same array for DPO, and for SPIN/SePPO when
-    ``share_noise``.
+    ``t`` int32 [B] (one per pair): uniform over ``0..T-1``, or over the given ``timesteps``
+    (PSO: a distilled model's few-step timesteps); ``noise_a`` for the first latent field and,
+    for pairwise objectives, ``noise_b`` for the second: the same array for DPO, and for
+    SPIN/SePPO when ``share_noise``.
     """
     row = objectives.get(objective)
     fields = row.batch_fields
@@ -90,7 +93,11 @@ def draw_inputs(
         # threefry for a rank-2 shape several times faster than for a rank-4 one.
         return jax.random.normal(k, (b, math.prod(shape[1:])), jnp.float32).reshape(shape)
 
-    out = {"t": jax.random.randint(k_t, (b,), 0, num_train_timesteps, dtype=jnp.int32)}
+    if timesteps is None:
+        out = {"t": jax.random.randint(k_t, (b,), 0, num_train_timesteps, dtype=jnp.int32)}
+    else:
+        table = jnp.asarray(timesteps, jnp.int32)
+        out = {"t": table[jax.random.randint(k_t, (b,), 0, table.shape[0], dtype=jnp.int32)]}
     out["noise_a"] = normal(k_a)
     if row.pairwise:
         same = row.always_share_noise or share_noise
@@ -117,6 +124,8 @@ def make_train_step(
     sft_weight: float = 0.0,
     learning_rate_fn: optax.Schedule | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    timesteps: Any = None,
+    loss_options: Mapping[str, Any] | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """The train step for ``objective``, a row of ``objectives.OBJECTIVES``.
 
@@ -128,9 +137,18 @@ def make_train_step(
     ``sft_weight`` adds that multiple of the policy's error on the preferred images to a
     pairwise loss. ``learning_rate_fn`` (the optimizer's schedule) only feeds ``metrics["lr"]``.
     ``mesh``, if given, lets the step check divisibility and place each micro-batch across all
-    data-parallel devices.
+    data-parallel devices. ``timesteps`` (ints in ``[0, T)``): draw ``t`` from these only
+    (offline PSO's distilled timesteps). ``loss_options``: more static options of the loss call
+    (``objectives.loss_options``, e.g. PSO's weights).
     """
     row = objectives.get(objective)
+    if timesteps is not None:
+        timesteps = np.asarray(timesteps).reshape(-1)
+        n_t = int(jnp.asarray(schedule.alphas_cumprod).shape[0])
+        if not len(timesteps) or timesteps.min() < 0 or timesteps.max() >= n_t:
+            raise ValueError(f"make_train_step: timesteps {timesteps.tolist()} must be a "
+                             f"non-empty set of integers in [0, {n_t})")  # fmt: skip
+        timesteps = tuple(int(t) for t in timesteps)
     needs_ref = row.needs_reference
     if needs_ref:
         if beta is None:
@@ -141,7 +159,8 @@ def make_train_step(
     num_t = _check_schedule(schedule)
     fields = row.batch_fields
     pairwise = row.pairwise
-    options = {"lambda_d": lambda_d, "lambda_u": lambda_u, "sft_weight": sft_weight}
+    options = {"lambda_d": lambda_d, "lambda_u": lambda_u, "sft_weight": sft_weight,
+               **(loss_options or {})}  # fmt: skip
 
     def model_inputs(text_params, mb):
         if "context" in mb:
@@ -221,7 +240,8 @@ def make_train_step(
 
     def train_step(state: TrainState, ref_params, text_params, batch, key):
         check(ref_params, text_params, batch)
-        inputs = draw_inputs(objective, batch, key, num_t, share_noise=share_noise)
+        inputs = draw_inputs(objective, batch, key, num_t, share_noise=share_noise,
+                             timesteps=timesteps)  # fmt: skip
         if accum_steps == 1:
             loss, metrics, grads = micro_step(state.params, ref_params, text_params, inputs)
         else:
