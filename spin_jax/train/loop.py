@@ -231,6 +231,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any,
     # process's verdict, where they all are in step (a collective with several processes).
     local = (lambda: bool(guard.requested)) if guard is not None else None
     stop = (lambda: _stop_requested(guard)) if guard is not None else None
+    if objective.timesteps == "distilled":
+        pso.distilled_timesteps(c, sd.schedule)  # a model without few-step timesteps: fail now
     if online:
         pso.online_tables(c, sd.schedule)  # a sampler it can train, before any work
         pso.check_guidance(c, sd)

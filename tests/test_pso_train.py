@@ -1,0 +1,161 @@
+"""PSO end to end on tiny pipelines (8 simulated CPU devices): offline on a Pick-a-Pic parquet,
+online with a tiny random PickScore-architecture scorer, and the bad inputs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_trainer import parquet, tiny_config  # noqa: F401  (fixtures)
+from tiny_sd import WORDS, make_tiny_sd, make_tiny_sdxl
+
+from spin_jax.train import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def turbo(tmp_path_factory):
+    return make_tiny_sdxl(str(tmp_path_factory.mktemp("turbo")), "turbo")
+
+
+@pytest.fixture(scope="module")
+def reward(tmp_path_factory):
+    """A tiny random PickScore (CLIP architecture, spin_jax.eval.tiny) as online PSO's reward."""
+    from spin_jax.eval import scorers
+    from spin_jax.eval.tiny import write_tiny_scorers
+    from spin_jax.train import pso
+
+    cfg = write_tiny_scorers(str(tmp_path_factory.mktemp("scorers")), words=WORDS)
+    return pso.reward_from_scorer(scorers.load_scorer("pickscore", cfg["pickscore"])), cfg
+
+
+def pso_config(objective, model, data):
+    c = tiny_config("dpo", model, data, source="pickapic")
+    c.objective = objective
+    c.sample.sampler = "auto"
+    c.sample.guidance_scale = 0.0
+    c.sample.num_steps = 4
+    c.pso.num_steps = 4
+    c.log.grid_prompts = ("a red circle",)
+    return c
+
+
+def _train_rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r for r in rows if "train/loss" in r], rows
+
+
+def test_offline_pso_end_to_end(turbo, parquet, tmp_path):  # noqa: F811
+    workdir = str(tmp_path / "run")
+    c = pso_config("pso", turbo, parquet)
+    c.pso.prior_weight = 0.5  # the personalization script's extra term, exercised
+    summaries = loop.run(c, workdir)
+    assert len(summaries) == 1 and np.isfinite(summaries[0]["loss"])
+    train, _ = _train_rows(workdir)
+    assert len(train) == 3
+    # theta = the base at step 1: DPO's log 2 plus the prior term.
+    assert abs(train[0]["train/loss"] - np.log(2) - 0.5 * train[0]["train/prior_term"]) < 1e-5
+    assert os.path.isfile(os.path.join(workdir, "iteration_1", "grid.png"))
+
+
+def online_config(model, data):
+    c = pso_config("pso_online", model, data)
+    c.iterations = 2
+    c.pso.pairs_per_round = 8
+    c.sample.batch_size = 8  # 4 pairs per shard: 2 shards per round
+    c.train.batch_size = 8
+    c.train.steps = 3  # one epoch: 8 pairs x 3 stochastic transitions / 8
+    c.train.beta = 5.0
+    c.checkpoint.every_steps = 100
+    c.log.grid_prompts = ()
+    return c
+
+
+def test_online_pso_end_to_end(turbo, parquet, reward, tmp_path):  # noqa: F811
+    from spin_jax.data.synthetic_store import SyntheticStore
+
+    workdir = str(tmp_path / "run")
+    c = online_config(turbo, parquet)
+    summaries = loop.run(c, workdir, reward_fn=reward[0])
+    assert [s["iteration"] for s in summaries] == [1, 2]
+    train, rows = _train_rows(workdir)
+    assert len(train) == 6 and all(np.isfinite(r["train/loss"]) for r in train)
+    assert abs(train[0]["train/loss"] - np.log(2)) < 1e-6  # theta = the reference
+    assert {"train/clip_frac_w", "train/log_ratio_l", "train/transitions_per_s"} <= set(train[0])
+    assert train[-1]["train/log_ratio_w"] != 0.0  # the policy moved off the reference
+    pairs = [r for r in rows if "rollout/pairs_kept" in r]
+    assert len(pairs) == 2 and all(r["rollout/score_target"] >= r["rollout/score_reference"]
+                                   for r in pairs)  # fmt: skip
+    for k in (1, 2):
+        folder = os.path.join(workdir, f"iteration_{k}", "pairs")
+        scores = SyntheticStore.open(os.path.join(folder, "scores")).read(range(8))
+        assert np.all(scores[:, 0] >= scores[:, 1])  # target first
+        # Trajectories are dropped once the round is done (pso.keep_trajectories = False).
+        assert not any(
+            n.startswith("shard_") for n in os.listdir(os.path.join(folder, "trajectories"))
+        )
+    # A finished run restarted does nothing more.
+    assert loop.run(c, workdir, reward_fn=reward[0]) == summaries
+
+
+def test_online_pairs_are_the_policys_trajectories(turbo, parquet, reward, tmp_path):  # noqa: F811
+    # The stored trajectories: two per prompt, target first by score, and each stochastic
+    # transition has the sampler's own step noise (its log-density under the base policy is a
+    # standard normal's up to -log std, so it is finite and the same for policy and reference).
+    from spin_jax.models import load_pretrained
+    from spin_jax.train import objectives, pso
+
+    c = online_config(turbo, parquet)
+    sd = load_pretrained(turbo)
+    data = pso.open_prompts(c, objectives.get("pso_online"))
+    ro = pso.roll_out_pairs(config=c, sd=sd, policy=lambda: sd.params["unet"], round_=1,
+                            round_dir=str(tmp_path), data=data, reward_fn=reward[0],
+                            barrier=lambda name: None)  # fmt: skip
+    traj = ro.trajectories.read(range(8))
+    assert traj.shape == (8, 2, 5, 8, 8, 4) and ro.num_stochastic == 3
+    assert not np.allclose(traj[:, 0], traj[:, 1])  # independent trajectories
+    np.testing.assert_array_equal(ro.prompts, pso.round_prompts(c.seed, 1, data.pool, 8))
+    # Resumable: a second call finds every shard done and samples nothing.
+    again = pso.roll_out_pairs(config=c, sd=sd, policy=None, round_=1, round_dir=str(tmp_path),
+                               data=data, reward_fn=None, barrier=lambda name: None)  # fmt: skip
+    assert again.images == 0
+    np.testing.assert_array_equal(again.trajectories.read(range(8)), traj)
+
+
+def test_online_pso_bad_inputs(turbo, parquet, reward, tmp_path):  # noqa: F811
+    c = pso_config("pso_online", turbo, parquet)
+    c.pso.pairs_per_round = 6
+    with pytest.raises(ValueError, match=r"pso.pairs_per_round = 6: must be divisible by the 8"):
+        loop.run(c, str(tmp_path / "a"), reward_fn=reward[0])
+    c.pso.pairs_per_round = 8
+    with pytest.raises(ValueError, match="reward"):
+        loop.run(c, str(tmp_path / "b"))
+    c.sample.sampler = "euler"
+    with pytest.raises(ValueError, match="deterministic"):
+        loop.run(c, str(tmp_path / "c"), reward_fn=reward[0])
+
+
+def test_offline_pso_without_few_step_scheduler(parquet, tmp_path):  # noqa: F811
+    ddim = make_tiny_sd(str(tmp_path / "sd"), "sd1")
+    c = pso_config("pso", ddim, parquet)
+    with pytest.raises(ValueError, match=r"DDIMScheduler.*--config\.pso\.timesteps="):
+        loop.run(c, str(tmp_path / "run"))
+
+
+def test_launcher_missing_scorer_weights(turbo, parquet, tmp_path):  # noqa: F811
+    workdir = str(tmp_path / "run")
+    out = subprocess.run(
+        [sys.executable, "launch/train.py", "--config=configs/pso.py:online",
+         f"--workdir={workdir}", f"--config.model.path={turbo}", f"--config.data.path={parquet}",
+         "--config.pso.scorers.pickscore.model=/nonexistent/PickScore_v1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "pso.scorers.pickscore.model: /nonexistent/PickScore_v1 not found" in out.stderr
+    assert not os.path.exists(os.path.join(workdir, "iteration_1"))  # nothing sampled
