@@ -23,7 +23,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.overwrite = False  # allow a workdir holding a run with another config to be replaced
 
     c.model = ml_collections.ConfigDict()
-    c.model.path = ""  # diffusers-format directory
+    c.model.path = ""  # diffusers-format directory, or a single-file checkpoint (.safetensors)
+    c.model.components = ""  # single file: a diffusers folder for its tokenizer(s) and configs
     # Compute dtype ("auto": bfloat16 on GPUs and TPUs, float32 on CPUs); parameters stay float32.
     c.model.dtype = "auto"
     # "auto": cuDNN flash attention per layer where the GPU, dtype and head dim allow, XLA

@@ -191,8 +191,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any) -> list[di
     c = ml_collections.ConfigDict(c.to_dict())  # what this machine runs; config.json keeps config
     c.train.accum_steps = accum
     parallel.check_batch_divisible(c.train.batch_size // accum, mesh, what="micro-batch")
-    if not os.path.isdir(c.model.path):
-        raise FileNotFoundError(f"config.model.path: model directory not found: {c.model.path}")
+    if not os.path.exists(c.model.path):
+        raise FileNotFoundError(f"config.model.path: model not found: {c.model.path}")
     if not os.path.exists(c.data.path):
         raise FileNotFoundError(f"config.data.path: dataset not found: {c.data.path}")
     check_workdir(workdir, config)
@@ -202,7 +202,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any) -> list[di
         dtype_why = f"auto on {jax.devices()[0].platform}"
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[c.model.dtype]
     sd = load_pretrained(c.model.path, dtype, attention_impl=c.model.attention_impl or None,
-                         remat=c.model.remat, allow_pickle=c.model.allow_pickle)  # fmt: skip
+                         remat=c.model.remat, allow_pickle=c.model.allow_pickle,
+                         components=c.model.components or None)  # fmt: skip
     # local: this process's flag, between units each process does on its own; stop: every
     # process's verdict, where they all are in step (a collective with several processes).
     local = (lambda: bool(guard.requested)) if guard is not None else None
