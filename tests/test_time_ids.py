@@ -211,22 +211,29 @@ def test_read_batch_true_and_fixed(built):
         validate(c)
 
 
-def test_pairs_use_the_winners_size(tmp_path):
+# (jpg_0 size, jpg_1 size, label_0): the winner is jpg_0 in row 0, jpg_1 in rows 1 and 2.
+PAIRS = [((20, 37), (40, 16), 1.0), ((20, 37), (45, 24), 0.0), ((16, 33), (33, 16), 0.0)]
+
+
+def _pairs_folder(path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    # (jpg_0 size, jpg_1 size, label_0): the winner is jpg_0 in row 0, jpg_1 in rows 1 and 2.
-    specs = [((20, 37), (40, 16), 1.0), ((20, 37), (45, 24), 0.0), ((16, 33), (33, 16), 0.0)]
     rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": []}
-    for i, (s0, s1, label) in enumerate(specs):
+    for i, (s0, s1, label) in enumerate(PAIRS):
         rows["caption"].append(f"pair {i}")
         rows["jpg_0"].append(encode(image(*s0, 2 * i), "PNG"))
         rows["jpg_1"].append(encode(image(*s1, 2 * i + 1), "PNG"))
         rows["label_0"].append(label)
         rows["label_1"].append(1.0 - label)
-    os.makedirs(tmp_path / "p")
-    pq.write_table(pa.table(rows), str(tmp_path / "p" / "train-00000.parquet"))
-    src = PickapicSource(str(tmp_path / "p"), view="pairs")
+    os.makedirs(path)
+    pq.write_table(pa.table(rows), os.path.join(path, "train-00000.parquet"))
+    return str(path)
+
+
+def test_pairs_use_the_winners_size(tmp_path):
+    specs = PAIRS
+    src = PickapicSource(_pairs_folder(tmp_path / "p"), view="pairs")
     cache = open_latent_cache(str(tmp_path / "c"), src, resolution=RES, vae_fingerprint="v")
     cache.build(src, CountingEncoder(), batch_size=4, progress=False)
     winners = [s1 if label == 0 else s0 for s0, s1, label in specs]
