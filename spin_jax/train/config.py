@@ -12,7 +12,7 @@ from spin_jax.train import objectives
 
 SOURCES = ("imagefolder", "pickapic", "tfds")
 DTYPES = ("auto", "float32", "bfloat16")
-SDXL_TIME_IDS = ("fixed",)
+SDXL_TIME_IDS = ("fixed", "true")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -48,7 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.cache_dir = ""  # latent cache; "" -> <workdir>/latent_cache
     c.data.encode_batch_size = 32
     # SDXL micro-conditioning in training: "fixed" = (res, res, 0, 0, res, res) for every image,
-    # as Diffusion-DPO's SDXL script (choice; diffusers' DPO example uses each image's own size).
+    # as Diffusion-DPO's SDXL script (choice); "true": each image's original size and crop, as
+    # diffusers' SDXL examples (pairs: the winner's).
     c.data.sdxl_time_ids = "fixed"
 
     c.train = ml_collections.ConfigDict()
