@@ -1,0 +1,240 @@
+"""LoRA adapters: exactness at B = 0, parity with diffusers/peft (PyTorch) in both directions,
+kohya files, bad input."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny_sd import make_tiny_sd
+
+from spin_jax.models import lora
+from spin_jax.models.convert import WeightMismatchError
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+# Attention, feed-forward, resnet convs and (SD 1.x conv) proj_in/out: every layout.
+ALL = ("attn", "ff", "conv", "proj")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_sd(str(tmp_path_factory.mktemp("model")), "sd1")
+
+
+@pytest.fixture(scope="module")
+def sd(model_dir):
+    from spin_jax.models import load_pretrained
+
+    return load_pretrained(model_dir)
+
+
+def _inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor([10, 700])
+    return x, t, ctx
+
+
+def _ours(sd, unet_params, x, t, ctx):
+    out = jax.jit(sd.unet_apply)(
+        unet_params,
+        jnp.asarray(x.numpy().transpose(0, 2, 3, 1)),
+        jnp.asarray(t.numpy(), jnp.int32),
+        jnp.asarray(ctx.numpy()),
+    )
+    return np.asarray(out)
+
+
+def _theirs(unet, x, t, ctx):
+    with torch.no_grad():
+        return unet(x, t, encoder_hidden_states=ctx).sample.numpy().transpose(0, 2, 3, 1)
+
+
+def _random_adapter(sd, rank, targets, seed=0):
+    """An adapter with non-zero B (a fresh one is the base model exactly)."""
+    adapter = lora.init(jax.random.key(seed), sd.params["unet"], rank, targets)
+    leaves, tree = jax.tree.flatten(adapter)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    leaves = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    return jax.tree.unflatten(tree, leaves)
+
+
+def _close(a, b, tol=1e-4):
+    err = float(np.abs(a - b).max() / np.abs(b).max())
+    assert err <= tol, err
+
+
+def test_zero_b_is_the_base_exactly(sd):
+    base = sd.params["unet"]
+    adapter = lora.init(jax.random.key(0), base, 4, ALL)
+    names = lora.describe(adapter)
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0" in names
+    assert "down_blocks.0.attentions.0.proj_in" in names and "up_blocks.1.resnets.0.conv1" in names
+    assert set(names.values()) == {4}
+    for a, b in lora.layers_of(adapter).values():
+        assert np.all(np.asarray(b) == 0) and np.any(np.asarray(a) != 0)
+    merged = jax.jit(lora.merge, static_argnums=2)(base, adapter, 2.0)
+    for x, y in zip(jax.tree.leaves(merged), jax.tree.leaves(base), strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    x, t, ctx = _inputs()
+    assert np.array_equal(_ours(sd, merged, x, t, ctx), _ours(sd, base, x, t, ctx))
+    # Default targets: the attention projections only; A as peft's kaiming-uniform bound.
+    default = lora.init(jax.random.key(0), base, 2)
+    assert {n.rsplit(".", 1)[-1] for n in lora.describe(default)} == {"to_q", "to_k", "to_v", "0"}
+    a, _ = lora.layers_of(default)[("down_blocks_0", "attentions_0", "transformer_blocks_0", "attn2", "to_k")]  # fmt: skip
+    assert a.shape == (32, 2) and float(jnp.abs(a).max()) <= 1 / np.sqrt(32)
+    assert lora.merge(base, {}, 1.0) is base
+
+
+def test_export_loads_in_diffusers_and_merged_export_agrees(sd, model_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from spin_jax.models import save_pretrained
+
+    rank, alpha = 4, 8.0  # alpha != rank: the scale travels in the file's metadata
+    adapter = _random_adapter(sd, rank, ALL)
+    scale = lora.scale_of(rank, alpha)
+    path = lora.save_diffusers(str(tmp_path / "lora"), adapter, scale)
+    assert os.path.basename(path) == "pytorch_lora_weights.safetensors"
+    merged = lora.merge(sd.params["unet"], adapter, scale)
+    x, t, ctx = _inputs()
+    ours = _ours(sd, merged, x, t, ctx)
+    base_out = _ours(sd, sd.params["unet"], x, t, ctx)
+    assert np.abs(ours - base_out).max() > 1e-2  # the adapter does something
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    _close(ours, _theirs(pipe.unet, x, t, ctx))
+    # The merged export: a plain diffusers UNet with the adapter folded in.
+    out = save_pretrained(sd, str(tmp_path / "merged"), params=dict(sd.params, unet=merged))
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "unet")).eval()
+    _close(ours, _theirs(unet, x, t, ctx))
+    # And the file reads back into the project as it was written.
+    back, s = lora.from_file(str(tmp_path / "lora"), sd.params["unet"])
+    assert s == scale and lora.describe(back) == lora.describe(adapter)
+    for u, v in zip(jax.tree.leaves(back), jax.tree.leaves(adapter), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0, atol=1e-7)
+
+
+def _peft_unet(model_dir, rank, alpha, targets, seed=3):
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(model_dir, "unet")).eval()
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
+                                init_lora_weights="gaussian"))  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return unet
+
+
+def test_peft_written_adapters_load(sd, model_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "ff.net.2"]
+    unet = _peft_unet(model_dir, 4, 2, targets)
+    x, t, ctx = _inputs()
+    theirs = _theirs(unet, x, t, ctx)
+    state = get_peft_model_state_dict(unet)
+    # As diffusers' save_lora_weights writes a peft UNet (config with alpha in the metadata).
+    StableDiffusionPipeline.save_lora_weights(
+        str(tmp_path / "peft"), unet_lora_layers=state,
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+    )  # fmt: skip
+    adapter, scale = lora.from_file(str(tmp_path / "peft"), sd.params["unet"])
+    assert scale == 0.5
+    _close(_ours(sd, lora.merge(sd.params["unet"], adapter, scale), x, t, ctx), theirs)
+    # As diffusers' training scripts write it: the older ".lora.down/up" names, and no alpha
+    # anywhere, which means scale 1 (to diffusers too).
+    old = convert_state_dict_to_diffusers(state)
+    assert any(".lora.down." in k for k in old)
+    StableDiffusionPipeline.save_lora_weights(str(tmp_path / "old"), unet_lora_layers=old)
+    adapter, scale = lora.from_file(str(tmp_path / "old"), sd.params["unet"])
+    assert scale == 1.0
+    for m in unet.modules():  # the same adapter with alpha = rank
+        if hasattr(m, "scaling") and "default" in getattr(m, "scaling", {}):
+            m.scaling["default"] = 1.0
+    _close(_ours(sd, lora.merge(sd.params["unet"], adapter, scale), x, t, ctx),
+           _theirs(unet, x, t, ctx))  # fmt: skip
+
+
+def test_kohya_file_loads(sd, model_dir, tmp_path):
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "conv2", "proj_out"]
+    unet = _peft_unet(model_dir, 4, 6, targets, seed=5)
+    x, t, ctx = _inputs()
+    theirs = _theirs(unet, x, t, ctx)
+    kohya = {}
+    for key, value in get_peft_model_state_dict(unet).items():
+        module, part = key.rsplit(".lora_", 1)
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = value
+        kohya[f"{name}.alpha"] = torch.tensor(6.0)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.alpha" in kohya
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    adapter, scale = lora.from_file(str(tmp_path / "kohya.safetensors"), sd.params["unet"])
+    assert scale == 1.5
+    _close(_ours(sd, lora.merge(sd.params["unet"], adapter, scale), x, t, ctx), theirs)
+    # Per-layer alphas are folded into B: one layer with another alpha still merges exactly.
+    kohya[next(k for k in kohya if k.endswith("attn1_to_q.alpha"))] = torch.tensor(2.0)
+    save_file(kohya, str(tmp_path / "kohya2.safetensors"))
+    adapter2, scale2 = lora.from_file(str(tmp_path / "kohya2.safetensors"), sd.params["unet"])
+    assert scale2 == 1.5
+    (path,) = [p for p in lora.layers_of(adapter2) if p[-2:] == ("attn1", "to_q") and p[0] == "down_blocks_0"]  # fmt: skip
+    np.testing.assert_allclose(np.asarray(lora.layers_of(adapter2)[path][1]),
+                               np.asarray(lora.layers_of(adapter)[path][1]) * (0.5 / 1.5), rtol=1e-6)  # fmt: skip
+
+
+def test_bad_input(sd, tmp_path):
+    from safetensors.numpy import save_file
+
+    base = sd.params["unet"]
+    adapter = _random_adapter(sd, 2, ("to_q",))
+    tensors, _ = lora.to_diffusers(adapter, 1.0)
+    # Names of another architecture are listed, never skipped.
+    bad = dict(tensors)
+    bad["unet.down_blocks.3.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"] = np.zeros((2, 32), np.float32)  # fmt: skip
+    bad["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = np.zeros((2, 32), np.float32)  # fmt: skip
+    save_file(bad, str(tmp_path / "other.safetensors"))
+    with pytest.raises(
+        WeightMismatchError, match=r"matching no UNet layer \(2\).*down_blocks\.3.*"
+    ) as e:
+        lora.from_file(str(tmp_path / "other.safetensors"), base)
+    assert "text_encoder.text_model" in str(e.value)
+    # A shape that disagrees names the tensor.
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    save_file(
+        dict(tensors, **{key: np.zeros((48, 2), np.float32)}), str(tmp_path / "shape.safetensors")
+    )
+    with pytest.raises(WeightMismatchError, match=rf"tensor '{key}' has shape \(48, 2\)"):
+        lora.from_file(str(tmp_path / "shape.safetensors"), base)
+    # A only, no B.
+    save_file(
+        {k: v for k, v in tensors.items() if "lora_A" in k}, str(tmp_path / "half.safetensors")
+    )
+    with pytest.raises(WeightMismatchError, match="without both A and B"):
+        lora.from_file(str(tmp_path / "half.safetensors"), base)
+    # A rank larger than a layer's width (32 here) names the layer.
+    with pytest.raises(
+        ValueError, match=r"rank 40 is larger than layer down_blocks\.0\..*attn1\.to_q"
+    ):
+        lora.init(jax.random.key(0), base, 40, ("to_q",))
+    with pytest.raises(ValueError, match="LoRA target 'to_qq' matches no"):
+        lora.init(jax.random.key(0), base, 2, ("to_qq",))
+    (tmp_path / "w.bin").write_bytes(b"0")
+    with pytest.raises(ValueError, match="only .safetensors"):
+        lora.from_file(str(tmp_path / "w.bin"), base)
+    with pytest.raises(FileNotFoundError):
+        lora.from_file(str(tmp_path / "nowhere"), base)
