@@ -172,6 +172,13 @@ def layers_of(adapter: Mapping[str, Any], prefix: Path = ()) -> dict[Path, tuple
     return out
 
 
+def is_adapter(tree: Any) -> bool:
+    """Whether ``tree`` holds LoRA layers (as opposed to a UNet params tree)."""
+    if not isinstance(tree, Mapping):
+        return False
+    return "lora_a" in tree or any(is_adapter(v) for v in tree.values())
+
+
 def describe(adapter: Mapping[str, Any]) -> dict[str, int]:
     """Module name -> rank of every adapted layer (JSON-able; ``zeros`` rebuilds the tree)."""
     return {module_name(p): int(np.shape(b)[0]) for p, (_, b) in layers_of(adapter).items()}
@@ -216,6 +223,9 @@ def merge(base: Mapping[str, Any], adapter: Mapping[str, Any], scale: float) -> 
         return out
 
     return rebuild(base, ())
+
+
+merge_jit = jax.jit(merge, static_argnums=2)  # merge(base, adapter, scale) as one program
 
 
 def wrap_apply(unet_apply: Any, base: Any, scale: float) -> Any:
@@ -468,3 +478,35 @@ def from_file(path: str, unet_params: Mapping[str, Any]) -> tuple[Adapter, float
         if other and not config:
             raise WeightMismatchError(f"LoRA file {file}: adapters for {other}, none for the unet")
     return from_state_dict(tensors, unet_params, peft_config=config, source=file)
+
+
+def from_config(cfg: Any, unet_params: Mapping[str, Any], key: jax.Array) -> tuple[Adapter, float] | None:  # fmt: skip
+    """``(adapter, scale)`` a run starts from, for a ``model.lora`` config (rank, alpha, targets,
+    init_from); None when ``rank`` is 0 (full fine-tuning). With ``init_from`` the file's layers,
+    ranks and scale are used; ``rank`` must be the file's and ``alpha`` 0 or the file's."""
+    get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
+    rank = int(get("rank", 0) or 0)
+    if rank == 0:
+        return None
+    if float(get("dropout", 0.0) or 0.0) != 0.0:
+        raise ValueError(
+            f"config.model.lora.dropout = {get('dropout')!r}: LoRA dropout is not supported "
+            "(adapters are applied as a weight merge); use 0"
+        )
+    alpha = float(get("alpha", 0.0) or 0.0)
+    init_from = get("init_from", "") or ""
+    if not init_from:
+        return init(key, unet_params, rank, get("targets", DEFAULT_TARGETS)), scale_of(rank, alpha)
+    adapter, scale = from_file(init_from, unet_params)
+    ranks = describe(adapter)
+    common = collections.Counter(ranks.values()).most_common(1)[0][0]
+    if common != rank:
+        raise ValueError(
+            f"config.model.lora.rank = {rank} but model.lora.init_from {init_from} has rank {common}"
+        )
+    if alpha and abs(alpha / rank - scale) > 1e-6 * scale:
+        raise ValueError(
+            f"config.model.lora.alpha = {alpha} but model.lora.init_from {init_from} has alpha "
+            f"{scale * rank:g} (scale {scale:g}); use 0 to take the file's"
+        )
+    return adapter, scale
