@@ -1,6 +1,7 @@
 """LoRA adapters: exactness at B = 0, parity with diffusers/peft (PyTorch) in both directions,
 kohya files, bad input."""
 
+import json
 import os
 
 import jax
@@ -238,3 +239,49 @@ def test_bad_input(sd, tmp_path):
         lora.from_file(str(tmp_path / "w.bin"), base)
     with pytest.raises(FileNotFoundError):
         lora.from_file(str(tmp_path / "nowhere"), base)
+
+
+def test_sample_cli_merges_a_lora_file(sd, model_dir, tmp_path):
+    """launch/sample.py with model.lora gives the latents of the merged pipeline."""
+    import importlib.util
+
+    from spin_jax.models import save_pretrained
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    mods = {}
+    for name, rel in (("sample", "launch/sample.py"), ("cfg", "configs/sample.py")):
+        spec = importlib.util.spec_from_file_location(f"lora_test_{name}", os.path.join(root, rel))
+        mods[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mods[name])
+    adapter = _random_adapter(sd, 2, ("attn", "ff"))
+    lora_dir = str(tmp_path / "lora")
+    lora.save_diffusers(lora_dir, adapter, 0.5)
+    merged_dir = save_pretrained(
+        sd, str(tmp_path / "merged"),
+        params=dict(sd.params, unet=lora.merge(sd.params["unet"], adapter, 0.5)),
+    )  # fmt: skip
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na blue dog\n")
+
+    def run(path, out, lora_file=""):
+        c = mods["cfg"].get_config()
+        c.model.path, c.prompts, c.out_dir = path, str(prompts), str(tmp_path / out)
+        c.sample.num_steps, c.sample.batch_size = 2, 2
+        c.sample.height = c.sample.width = 16
+        c.output.images, c.output.latents = False, True
+        if lora_file:
+            with c.unlocked():
+                c.model.lora = lora_file
+        mods["sample"].run(c)
+        return np.load(str(tmp_path / out / "latents" / "000000-000002.npy")), c
+
+    with_lora, c = run(model_dir, "a", lora_dir)
+    merged, _ = run(merged_dir, "b")
+    _close(with_lora, merged)
+    settings = json.load(open(tmp_path / "a" / "settings.json"))
+    assert settings["lora"]["path"].endswith("pytorch_lora_weights.safetensors")
+    # Another adapter in the same folder is other settings: refused.
+    lora.save_diffusers(str(tmp_path / "lora2"), _random_adapter(sd, 2, ("attn",), seed=9), 0.5)
+    c.model.lora = str(tmp_path / "lora2")
+    with pytest.raises(ValueError, match="lora"):
+        mods["sample"].run(c)
