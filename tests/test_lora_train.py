@@ -184,6 +184,15 @@ def test_spin_lora_run_and_exports(model_dir, folder, tmp_path):
 
     sd = load_pretrained(model_dir)
     merged = checkpoints.load_iteration_params(workdir, 2, sd.params["unet"])
+    # Evaluation reads a LoRA run's iteration (name=run@2) as the merged UNet.
+    import ml_collections
+
+    from spin_jax.eval.evaluate import ModelSpec, load_model
+
+    cfg = ml_collections.ConfigDict(dict(base_model="", model=dict(dtype="float32", attention_impl="", allow_pickle=False)))  # fmt: skip
+    _, params = load_model(ModelSpec("lora", "run", workdir, 2), cfg)
+    for u, v in zip(jax.tree.leaves(params["unet"]), jax.tree.leaves(merged), strict=True):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
     ours, (x, t, ctx) = _unet_out(sd.unet_apply, merged)
     base_out, _ = _unet_out(sd.unet_apply, sd.params["unet"])
     assert np.abs(ours - base_out).max() > 1e-6
