@@ -285,3 +285,80 @@ def test_sample_cli_merges_a_lora_file(sd, model_dir, tmp_path):
     c.model.lora = str(tmp_path / "lora2")
     with pytest.raises(ValueError, match="lora"):
         mods["sample"].run(c)
+
+
+def _flax_tree(state):
+    """A torch UNet state dict as a Flax-named params tree (kernels in Flax layouts)."""
+    from spin_jax.models.convert import torch_key_to_path
+
+    out = {}
+    for key, v in state.items():
+        path, leaf = torch_key_to_path(key)
+        v = v.detach().numpy()
+        if leaf == "weight":
+            leaf = {4: "kernel", 2: "kernel"}.get(v.ndim, "scale")
+            v = v.transpose(2, 3, 1, 0) if v.ndim == 4 else (v.T if v.ndim == 2 else v)
+        node = out
+        for p in path:
+            node = node.setdefault(p, {})
+        node[leaf] = np.ascontiguousarray(v)
+    return out
+
+
+def test_sdxl_layout_names_and_merge(tmp_path):
+    """SDXL's layout (several transformer layers per block, linear projections, the text_time
+    embedding's linear_1/linear_2) through a peft-written file, our merge and back to torch."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from spin_jax.models.convert import flax_to_torch
+
+    kwargs = dict(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**kwargs).eval()
+    base = _flax_tree(unet.state_dict())
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "add_embedding.linear_1"]
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="gaussian"))  # fmt: skip
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape))
+    StableDiffusionXLPipeline.save_lora_weights(
+        str(tmp_path / "xl"), unet_lora_layers=get_peft_model_state_dict(unet),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+    )  # fmt: skip
+    adapter, scale = lora.from_file(str(tmp_path / "xl"), base)
+    names = lora.describe(adapter)
+    assert scale == 2.0 and "add_embedding.linear_1" in names
+    assert "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_out.0" in names
+    assert len(names) == len(lora.targets_of(base, targets))
+    merged = lora.merge(base, adapter, scale)
+    plain = UNet2DConditionModel(**kwargs).eval()
+    plain.load_state_dict({k: torch.from_numpy(v) for k, v in flax_to_torch(merged).items()})
+    g = torch.Generator().manual_seed(2)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, 32, generator=g)
+    cond = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.rand(2, 6, generator=g) * 64}  # fmt: skip
+    t = torch.tensor([3, 900])
+    with torch.no_grad():
+        want = unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=cond).sample.numpy()
+        got = plain(x, t, encoder_hidden_states=ctx, added_cond_kwargs=cond).sample.numpy()
+    _close(got, want)
+    # Kohya names resolve against the real module names (underscores inside names included).
+    tensors, _ = lora.to_diffusers(adapter, scale)
+    kohya = {}
+    for key, v in tensors.items():
+        module, part = key.removeprefix("unet.").rsplit(".lora_", 1)
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = v
+        kohya[f"{name}.alpha"] = np.float32(scale * 4)
+    assert "lora_unet_add_embedding_linear_1.alpha" in kohya
+    back, s = lora.from_state_dict(kohya, base)
+    assert s == scale and lora.describe(back) == names
