@@ -8,7 +8,8 @@ diffusers.StableDiffusionPipeline.from_pretrained(out) or spin_jax.models.load_p
 
 A LoRA run (model.lora.rank > 0) writes OUT/pytorch_lora_weights.safetensors instead, in the
 layout diffusers' save_lora_weights writes (alpha in its metadata), so
-pipe.load_lora_weights(OUT) loads it; --merge writes the whole pipeline with the adapter merged.
+pipe.load_lora_weights(OUT) loads it; --merge writes the whole pipeline with the adapter merged
+(for a full fine-tuning run --merge changes nothing: the pipeline is what it writes anyway).
 """
 
 import json

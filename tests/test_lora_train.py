@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_trainer import ROOT, _read_jsonl, folder, model_dir, tiny_config  # noqa: F401
+from test_trainer import ROOT, _read_jsonl, folder, model_dir, parquet, tiny_config  # noqa: F401
 
 from spin_jax.models import lora
 from spin_jax.train import checkpoints, loop, objectives, optim, step
@@ -226,3 +226,24 @@ def test_spin_lora_run_and_exports(model_dir, folder, tmp_path):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=1e-7)
     with pytest.raises(ValueError, match="rank = 4 but model.lora.init_from"):
         lora.from_config(dict(rank=4, init_from=str(tmp_path / "lora")), sd.params["unet"], jax.random.key(0))  # fmt: skip
+
+
+def test_dpo_lora_run_uses_the_base_as_reference(model_dir, parquet, tmp_path):
+    c = tiny_config("dpo", model_dir, parquet, "pickapic")
+    c.model.lora.rank = 2
+    c.model.lora.targets = ("attn", "ff")
+    c.train.steps = 2
+    c.log.grid_prompts = ()
+    (summary,) = loop.run(c, str(tmp_path / "dpo"))
+    train = [m for m in _read_jsonl(str(tmp_path / "dpo" / "metrics.jsonl")) if "train/loss" in m]
+    assert abs(train[0]["train/loss"] - math.log(2)) < 1e-5 and np.isfinite(summary["loss"])
+    adapter, scale = checkpoints.load_iteration_adapter(
+        str(tmp_path / "dpo"), 1, _tiny_unet(model_dir)
+    )
+    assert scale == 1.0 and any(n.endswith("ff.net.2") for n in lora.describe(adapter))
+
+
+def _tiny_unet(model_dir):
+    from spin_jax.models import load_pretrained
+
+    return load_pretrained(model_dir).params["unet"]
