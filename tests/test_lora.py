@@ -362,3 +362,22 @@ def test_sdxl_layout_names_and_merge(tmp_path):
     assert "lora_unet_add_embedding_linear_1.alpha" in kohya
     back, s = lora.from_state_dict(kohya, base)
     assert s == scale and lora.describe(back) == names
+
+
+def test_mixed_ranks_round_trip_through_diffusers(sd, model_dir, tmp_path):
+    """Layers of other ranks (e.g. from a kohya file) keep their scale in diffusers: written
+    as peft's rank_pattern / alpha_pattern."""
+    from diffusers import StableDiffusionPipeline
+
+    a = _random_adapter(sd, 2, ("to_q", "to_k", "to_v"))
+    b = _random_adapter(sd, 4, ("to_out.0",), seed=4)
+    adapter = lora.from_layers({**lora.layers_of(a), **lora.layers_of(b)})
+    assert set(lora.describe(adapter).values()) == {2, 4}
+    lora.save_diffusers(str(tmp_path / "mixed"), adapter, 0.75)
+    x, t, ctx = _inputs()
+    ours = _ours(sd, lora.merge(sd.params["unet"], adapter, 0.75), x, t, ctx)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    pipe.load_lora_weights(str(tmp_path / "mixed"))
+    _close(ours, _theirs(pipe.unet, x, t, ctx))
+    back, s = lora.from_file(str(tmp_path / "mixed"), sd.params["unet"])
+    assert s == 0.75 and lora.describe(back) == lora.describe(adapter)

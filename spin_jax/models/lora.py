@@ -133,7 +133,7 @@ def init(key: jax.Array, unet_params: Mapping[str, Any], rank: int,
         a = jax.random.uniform(jax.random.fold_in(key, i), (*shape[:-1], rank), jnp.float32,
                                -bound, bound)  # fmt: skip
         layers[path] = (a, jnp.zeros((rank, shape[-1]), jnp.float32))
-    return _nest(layers)
+    return from_layers(layers)
 
 
 def zeros(unet_params: Mapping[str, Any], ranks: Mapping[str, int]) -> Adapter:
@@ -146,10 +146,11 @@ def zeros(unet_params: Mapping[str, Any], ranks: Mapping[str, int]) -> Adapter:
             raise ValueError(f"LoRA layer {name} is not a Dense/Conv layer of this UNet")
         path, shape = kernels[name]
         layers[path] = (jnp.zeros((*shape[:-1], r), jnp.float32), jnp.zeros((r, shape[-1]), jnp.float32))  # fmt: skip
-    return _nest(layers)
+    return from_layers(layers)
 
 
-def _nest(layers: Mapping[Path, tuple[Any, Any]]) -> Adapter:
+def from_layers(layers: Mapping[Path, tuple[Any, Any]]) -> Adapter:
+    """The adapter tree of ``{module path: (A, B)}`` (the inverse of ``layers_of``)."""
     out: Adapter = {}
     for path, (a, b) in layers.items():
         node = out
@@ -453,7 +454,7 @@ def from_state_dict(tensors: Mapping[str, np.ndarray], unet_params: Mapping[str,
         layers[path] = (a, b_t.T)
     scale = collections.Counter(scales.values()).most_common(1)[0][0]
     layers = {p: (a, (b * (scales[p] / scale)).astype(np.float32)) for p, (a, b) in layers.items()}
-    return _nest(layers), float(scale)
+    return from_layers(layers), float(scale)
 
 
 def from_file(path: str, unet_params: Mapping[str, Any]) -> tuple[Adapter, float]:
