@@ -32,6 +32,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention_impl = "auto"
     c.model.remat = False
     c.model.allow_pickle = False
+    # LoRA adapters on the UNet (spin_jax.models.lora): rank 0 = full fine-tuning. alpha 0 means
+    # alpha = rank (scale 1). targets: layer names (peft's rule: a dotted suffix of the module
+    # name) or the shorthands attn / ff / conv / proj. init_from: a LoRA file (diffusers, peft
+    # or kohya format) to start from; its layers and ranks replace rank / targets.
+    c.model.lora = ml_collections.ConfigDict()
+    c.model.lora.rank = 0
+    c.model.lora.alpha = 0.0
+    c.model.lora.targets = ("to_q", "to_k", "to_v", "to_out.0")
+    c.model.lora.dropout = 0.0  # only 0: a weight merge cannot express dropout
+    c.model.lora.init_from = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "imagefolder"
@@ -173,6 +183,29 @@ def validate(c: ml_collections.ConfigDict) -> None:
         fail("seppo.reference", f"must be one of {objectives.REFERENCE_CHOICES}")
     if float(c.loss.sft_weight) < 0:
         fail("loss.sft_weight", "must be >= 0")
+    validate_lora(c)
+
+
+def validate_lora(c: ml_collections.ConfigDict) -> None:
+    """The ``model.lora`` fields (configs without them train the full UNet)."""
+    cfg = c.model.get("lora")
+    if cfg is None:
+        return
+
+    def fail(field: str, msg: str) -> None:
+        raise ValueError(f"config.model.lora.{field} = {cfg.get(field)!r}: {msg}")
+
+    if not isinstance(cfg.rank, int) or cfg.rank < 0:
+        fail("rank", "must be an int >= 0 (0: full fine-tuning)")
+    if float(cfg.alpha) < 0:
+        fail("alpha", "must be >= 0 (0: alpha = rank)")
+    if float(cfg.get("dropout", 0.0)) != 0.0:
+        fail("dropout", "LoRA dropout is not supported: adapters are applied as a weight merge, "
+             "which cannot drop the adapter's inputs; use 0")  # fmt: skip
+    if cfg.rank == 0 and cfg.get("init_from"):
+        fail("init_from", "needs model.lora.rank > 0 (LoRA training)")
+    if cfg.rank > 0 and not cfg.targets:
+        fail("targets", "name at least one layer (e.g. to_q)")
 
 
 def accumulation(c: ml_collections.ConfigDict, data_parallel: int) -> tuple[int, str]:
