@@ -34,10 +34,7 @@ def get_config(arg: str | None = None):
     c.data.source = "pickapic"
     c.data.resolution = 1024  # SDXL; 512 for SD-Turbo / LCM-LoRA SD 1.5
     c.data.caption_dropout = 0.0
-    if "lora" in c.model:  # LoRA rank 16 (DMD2, Turbo; 32 for SDXL-LCM), alpha = rank
-        c.model.lora.rank = 16
-        if "alpha" in c.model.lora:
-            c.model.lora.alpha = 16.0
+    c.model.lora.rank = 16  # DMD2, Turbo; 32 for SDXL-LCM. alpha 0: alpha = rank
     c.train.steps = 5000
     c.train.batch_size = 64
     c.train.per_device_batch_size = 8  # accumulation steps follow from the devices present

@@ -3,7 +3,10 @@ r"""Generates one image per prompt for each model, scores them, writes the repor
   python launch/evaluate.py --config=configs/eval.py --workdir=runs/eval \
       --config.models=base=/data/sd15,spin=runs/spin@3 --config.prompts.path=/data/pickapic_v2
 
-The first model is the base of the win rates. Restarting the same command resumes: existing
+The first model is the base of the win rates. A LoRA training run (model.lora.rank > 0) is
+named the same way (name=runs/x@K): its adapter is merged into the base UNet on load. A LoRA
+file made elsewhere: merge it first (launch/sample.py --lora for images, or evaluate the
+folder that launch/export.py --merge writes). Restarting the same command resumes: existing
 images and scores are reused. The workdir records what its images depend on (settings.json) and
 refuses a restart with other sampling settings or other files behind a model name: use another
 workdir, or --overwrite (deletes the earlier outputs first). One evaluation writes a workdir at a

@@ -5,6 +5,11 @@ r"""Writes iteration K of a training run as a diffusers-format Stable Diffusion 
 The trained UNet of iteration K with the base model's VAE, text encoder, tokenizer and scheduler
 (iteration 0 is the base model itself). Load the result with
 diffusers.StableDiffusionPipeline.from_pretrained(out) or spin_jax.models.load_pretrained(out).
+
+A LoRA run (model.lora.rank > 0) writes OUT/pytorch_lora_weights.safetensors instead, in the
+layout diffusers' save_lora_weights writes (alpha in its metadata), so
+pipe.load_lora_weights(OUT) loads it; --merge writes the whole pipeline with the adapter merged
+(for a full fine-tuning run --merge changes nothing: the pipeline is what it writes anyway).
 """
 
 import json
@@ -22,12 +27,20 @@ from absl import flags  # noqa: E402
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by launch/train.py.")
 _ITERATION = flags.DEFINE_integer("iteration", None, "Iteration to export (0 = base model).")
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
+_MERGE = flags.DEFINE_bool(
+    "merge", False, "LoRA run: write the full pipeline with the adapter merged (not the adapter)."
+)
 flags.mark_flags_as_required(["workdir", "iteration", "out"])
 
 
-def export(workdir: str, iteration: int, out: str) -> str:
-    from spin_jax.models import load_pretrained, save_pretrained
-    from spin_jax.train.checkpoints import load_iteration_params
+def export(workdir: str, iteration: int, out: str, merge: bool = False) -> str:
+    """Writes the export; returns the folder (or, for a LoRA adapter, the file) written."""
+    from spin_jax.models import load_pretrained, lora, save_pretrained
+    from spin_jax.train.checkpoints import (
+        load_iteration_adapter,
+        load_iteration_params,
+        read_lora_info,
+    )
 
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
@@ -41,6 +54,12 @@ def export(workdir: str, iteration: int, out: str) -> str:
         config["model"]["path"], allow_pickle=config["model"].get("allow_pickle", False)
     )
     params = dict(sd.params)
+    if read_lora_info(workdir) is not None and not merge:
+        if iteration == 0:
+            raise ValueError("iteration 0 of a LoRA run is the base model: it has no adapter "
+                             "(use --merge for the base pipeline)")  # fmt: skip
+        adapter, scale = load_iteration_adapter(workdir, iteration, sd.params["unet"])
+        return lora.save_diffusers(out, adapter, scale)
     if iteration > 0:
         params["unet"] = load_iteration_params(workdir, iteration, sd.params["unet"])
     return save_pretrained(sd, out, params=params)
@@ -49,7 +68,7 @@ def export(workdir: str, iteration: int, out: str) -> str:
 def main(argv):
     del argv
     try:
-        path = export(_WORKDIR.value, _ITERATION.value, _OUT.value)
+        path = export(_WORKDIR.value, _ITERATION.value, _OUT.value, merge=_MERGE.value)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

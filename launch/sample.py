@@ -14,6 +14,11 @@ folder, or --overwrite, which deletes the old outputs first. One run writes a fo
 (<out_dir>/.lock). SIGTERM or Ctrl-C finishes the batch in flight, keeps every finished image and
 exits with status 75 (spin_jax.interrupt.EXIT_INTERRUPTED); a second Ctrl-C stops at once.
 On several hosts, start one process per host; each takes its share of the batches.
+
+A LoRA adapter (diffusers, peft or kohya format, e.g. what launch/export.py writes for a LoRA
+run) is merged into the UNet with --lora=PATH (a .safetensors file or a folder holding
+pytorch_lora_weights.safetensors), or the config field model.lora; its file is part of the
+recorded settings.
 """
 
 from __future__ import annotations
@@ -141,12 +146,26 @@ _IMAGE_NAME = re.compile(r"^\d{6}\.png$")
 _OTHER_OUTPUTS = ("latents", "metadata.jsonl", "grid.png", "settings.json")
 
 
+def lora_path(config) -> str:
+    """The LoRA file to merge into the UNet ("" for none): config field ``model.lora``."""
+    return str(config.model.get("lora", "") or "")
+
+
 def settings_of(config, prompts: list[str]) -> dict:
     """What the images and latents of ``config.out_dir`` depend on (recorded in settings.json)."""
     from spin_jax.runlock import folder_fingerprint
 
     digest = hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()
+    extra = {}
+    if lora_path(config):
+        from spin_jax.models import lora
+
+        file = lora.lora_file(lora_path(config))
+        with open(file, "rb") as f:
+            extra["lora"] = {"path": os.path.abspath(file),
+                             "sha256": hashlib.sha256(f.read()).hexdigest()[:32]}  # fmt: skip
     return {
+        **extra,
         "prompts": {"count": len(prompts), "sha256": digest[:32]},
         "seed": int(config.seed),
         "sample": {k: _plain(config.sample.get(k)) for k in SETTINGS_SAMPLE_FIELDS},
@@ -226,6 +245,10 @@ def check_config(config) -> None:
         raise FileNotFoundError(
             f"config.model.path: model directory not found: {config.model.path}"
         )
+    if lora_path(config):
+        from spin_jax.models import lora
+
+        lora.lora_file(lora_path(config))  # exists, and is a .safetensors file
 
 
 def run(config, *, overwrite: bool = False) -> dict:
@@ -307,7 +330,13 @@ def _generate(config, prompts: list[str]) -> dict:
     skipped = mine - sum(len(todo) for _, _, todo, _ in work)
 
     mesh = default_mesh()
-    params = place_params(sd.params, mesh)
+    params = sd.params
+    if lora_path(config):
+        from spin_jax.models import lora
+
+        adapter, scale = lora.from_file(lora_path(config), sd.params["unet"])
+        params = dict(params, unet=lora.merge_jit(sd.params["unet"], adapter, scale))
+    params = place_params(params, mesh)
     key = jax.random.key(int(config.seed))
     neg = None
     if config.sample.negative_prompt:
@@ -382,8 +411,12 @@ def main(argv):
 
     parallel.init_distributed()  # before any other JAX call
     logging.getLogger("spin_jax").setLevel(logging.INFO)
+    config = _CONFIG.value
+    if _LORA.value:
+        with config.unlocked():
+            config.model.lora = _LORA.value
     try:
-        summary = run(_CONFIG.value, overwrite=_OVERWRITE.value)
+        summary = run(config, overwrite=_OVERWRITE.value)
     except (ValueError, FileNotFoundError, runlock.LockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -400,6 +433,9 @@ if __name__ == "__main__":
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:preset]).")
     _OVERWRITE = flags.DEFINE_bool(
         "overwrite", False, "Delete the outputs already in config.out_dir first."
+    )
+    _LORA = flags.DEFINE_string(
+        "lora", "", "A LoRA file or folder to merge into the UNet (sets config.model.lora)."
     )
     flags.mark_flags_as_required(["config"])
     cli.run(main)

@@ -50,17 +50,59 @@ def _train_rows(workdir):
     return [r for r in rows if "train/loss" in r], rows
 
 
-def test_offline_pso_end_to_end(turbo, parquet, tmp_path):  # noqa: F811
+def test_offline_pso_lora_end_to_end_and_exports(turbo, parquet, tmp_path):  # noqa: F811
+    torch = pytest.importorskip("torch")
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from spin_jax.models import load_pretrained
+    from spin_jax.train import checkpoints
+
     workdir = str(tmp_path / "run")
     c = pso_config("pso", turbo, parquet)
+    c.model.lora.rank = 2
     c.pso.prior_weight = 0.5  # the personalization script's extra term, exercised
     summaries = loop.run(c, workdir)
     assert len(summaries) == 1 and np.isfinite(summaries[0]["loss"])
     train, _ = _train_rows(workdir)
     assert len(train) == 3
-    # theta = the base at step 1: DPO's log 2 plus the prior term.
+    # theta = the base (adapter B = 0) at step 1: DPO's log 2 plus the prior term.
     assert abs(train[0]["train/loss"] - np.log(2) - 0.5 * train[0]["train/prior_term"]) < 1e-5
     assert os.path.isfile(os.path.join(workdir, "iteration_1", "grid.png"))
+
+    # Both exports load in diffusers and give the trained UNet's outputs.
+    sd = load_pretrained(turbo)
+    merged = checkpoints.load_iteration_params(workdir, 1, sd.params["unet"])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+    t = np.array([999, 249], np.int32)
+    ctx = rng.normal(size=(2, 5, 64)).astype(np.float32)
+    added = {"text_embeds": rng.normal(size=(2, 32)).astype(np.float32),
+             "time_ids": np.tile(np.float32([16, 16, 0, 0, 16, 16]), (2, 1))}  # fmt: skip
+    ours = np.asarray(sd.unet_apply(merged, x, t, ctx, added))
+    base = np.asarray(sd.unet_apply(sd.params["unet"], x, t, ctx, added))
+    assert np.abs(ours - base).max() > 1e-6  # the adapter trained
+
+    def torch_out(unet):
+        with torch.no_grad():
+            out = unet(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t).long(),
+                       encoder_hidden_states=torch.from_numpy(ctx),
+                       added_cond_kwargs={k: torch.from_numpy(v) for k, v in added.items()}).sample  # fmt: skip
+        return out.numpy().transpose(0, 2, 3, 1)
+
+    def export(out, *extra):
+        cmd = [sys.executable, "launch/export.py", f"--workdir={workdir}", "--iteration=1",
+               f"--out={out}", *extra]  # fmt: skip
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT))  # fmt: skip
+
+    tol = 1e-4 * np.abs(ours).max()
+    export(str(tmp_path / "lora"))
+    pipe = StableDiffusionXLPipeline.from_pretrained(turbo)
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    np.testing.assert_allclose(torch_out(pipe.unet), ours, rtol=0, atol=tol)
+    export(str(tmp_path / "merged"), "--merge")
+    unet = UNet2DConditionModel.from_pretrained(str(tmp_path / "merged" / "unet")).eval()
+    np.testing.assert_allclose(torch_out(unet), ours, rtol=0, atol=tol)
 
 
 def online_config(model, data):
@@ -81,6 +123,7 @@ def test_online_pso_end_to_end(turbo, parquet, reward, tmp_path):  # noqa: F811
 
     workdir = str(tmp_path / "run")
     c = online_config(turbo, parquet)
+    c.model.lora.rank = 2
     summaries = loop.run(c, workdir, reward_fn=reward[0])
     assert [s["iteration"] for s in summaries] == [1, 2]
     train, rows = _train_rows(workdir)

@@ -209,8 +209,8 @@ def test_bad_sdxl_folders(tiny, tmp_path):
         load_pretrained(sched)
 
 
-@pytest.mark.parametrize("objective", ["spin", "dpo"])
-def test_sdxl_trains_end_to_end(tiny, tmp_path, folder, parquet, objective):
+@pytest.mark.parametrize("objective,time_ids", [("spin", "true"), ("dpo", "fixed")])
+def test_sdxl_trains_end_to_end(tiny, tmp_path, folder, parquet, objective, time_ids):
     from spin_jax.train import loop
 
     path = tiny["base"][0]
@@ -221,8 +221,13 @@ def test_sdxl_trains_end_to_end(tiny, tmp_path, folder, parquet, objective):
     else:
         c = tiny_config("dpo", path, parquet, source="pickapic")
     c.mesh.fsdp = 2  # 4 x 2 simulated devices: data parallel and sharded parameters
+    c.data.sdxl_time_ids = time_ids
     c.sample.sampler = "euler"
     c.log.grid_prompts = ()
     summaries = loop.run(c, str(tmp_path / "run"))
     assert len(summaries) == 1
     assert np.isfinite(summaries[0]["loss"])
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        first = next(r for r in map(json.loads, f) if "train/loss" in r)
+    # The reference is the base (SPIN round 1's opponent, DPO's reference): loss log 2 at step 1.
+    np.testing.assert_allclose(first["train/loss"], np.log(2.0), rtol=1e-5)

@@ -704,3 +704,31 @@ def test_missing_network_names_its_prefix(tiny):
     else:
         with pytest.raises(ValueError, match=r"no text encoder found"):
             convert_from_original(without("cond_stage_model."))
+
+
+def test_load_pretrained_reads_a_single_file_as_its_folder(tiny):
+    """load_pretrained(file, components=folder): the same params and outputs as the folder."""
+    import jax
+
+    from spin_jax.models import load_pretrained
+
+    variant, folder, _, _, path = tiny
+    from_folder = load_pretrained(folder)
+    from_file = load_pretrained(path, components=folder)
+    assert from_file.family is from_folder.family
+    a, b = jax.tree.leaves_with_path(from_file.params), jax.tree.leaves_with_path(from_folder.params)
+    assert [k for k, _ in a] == [k for k, _ in b]
+    for (k, x), (_, y) in zip(a, b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(k))
+    ids = from_file.tokenize(["a red cat"])
+    ctx_a, pooled_a = from_file.encode_prompt(from_file.params, ids)
+    ctx_b, pooled_b = from_folder.encode_prompt(from_folder.params, ids)
+    np.testing.assert_array_equal(np.asarray(ctx_a), np.asarray(ctx_b))
+    assert (pooled_a is None) == (pooled_b is None) == (variant != "sdxl")
+    with pytest.raises(FileNotFoundError, match="components="):
+        load_pretrained(path)
+    if variant == "sdxl":
+        other = os.path.join(os.path.dirname(folder), "sd1_components")
+        make_tiny_sd(other, "sd1")
+        with pytest.raises(ValueError, match="StableDiffusionPipeline folder"):
+            load_pretrained(path, components=other)

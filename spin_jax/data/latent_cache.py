@@ -2,8 +2,9 @@
 
 Layout: `root/<key hash>/manifest.json` plus, per shard k of `shard_size` consecutive records,
 `{k:05d}.{field}.mean.npy`, `{k:05d}.{field}.logvar.npy` (shape [n, V, h, w, c], V = 2 when
-flips are on: version 0 the image, version 1 the flipped image, encoded separately) and
-`{k:05d}.status.npy` (int8 [n]: 0 ok, else 1 + index into transforms.SKIP_REASONS). The status
+flips are on: version 0 the image, version 1 the flipped image, encoded separately),
+`{k:05d}.{field}.size.npy` (int32 [n, 2]: each image's original (height, width), before any JPEG
+draft reduction; zeros for skipped records) and `{k:05d}.status.npy` (int8 [n]: 0 ok, else 1 + index into transforms.SKIP_REASONS). The status
 file is written last and marks the shard finished; every file is written to a temporary name and
 renamed, so a killed build resumes with the unfinished shards only.
 
@@ -12,6 +13,10 @@ resolution, the VAE weights' fingerprint, flips, resize filter, JPEG draft, min_
 storage dtype. Invalidation: the cache folder is named by the key's hash, so any change of a key
 part opens a fresh folder that is rebuilt (old folders are left for the user to delete); a
 manifest whose key differs from the folder's expected key is refused with an error.
+
+The sizes give SDXL's micro-conditioning (`time_ids`): the center crop follows from the original
+size and the resolution (`transforms.center_crop_top_left`). Format 2 added them; a format-1
+cache has another key, so it is rebuilt in a fresh folder rather than reused.
 
 Moments are stored unscaled (what the VAE encoder returns), float16 by default: the SD VAE
 latents span about +-40 with a posterior std near 1e-3..1e-1, float16 keeps 3 significant
@@ -46,7 +51,7 @@ from spin_jax.data import transforms
 from spin_jax.data.sources import Source, hash_json
 from spin_jax.files import LruCache, write_json, write_npy
 
-FORMAT = 1
+FORMAT = 2  # 2: per-image original sizes (`{field}.size.npy`)
 MANIFEST = "manifest.json"
 SKIPPED = "skipped.jsonl"
 EMPTY_CAPTION = ("skip", "unconditional")
@@ -328,17 +333,18 @@ class LatentCache:
         os.replace(tmp, self.skipped_path)
         return records
 
-    def _load(self, source: Source, index: int) -> tuple[int, dict[str, np.ndarray] | None]:
-        """(status code, {field: uint8 [V, res, res, 3]} or a skip record)."""
+    def _load(self, source: Source, index: int) -> tuple[int, Any]:
+        """(0, ({field: uint8 [V, res, res, 3]}, {field: (height, width)})) or (status code,
+        skip record)."""
         record = source[index]
         if "error" in record:
             return 1 + transforms.SKIP_REASONS.index(record["error"]), _skip_record(
                 source, index, record["error"], record.get("detail", "")
             )
-        images = {}
+        images, sizes = {}, {}
         for field in self.fields:
             try:
-                arr, _ = transforms.load_image(
+                arr, _, sizes[field] = transforms.load_image_with_size(
                     record[field],
                     self.key["resolution"],
                     min_size=self.key["min_size"],
@@ -353,7 +359,7 @@ class LatentCache:
             images[field] = (
                 np.stack([arr, transforms.hflip(arr)]) if self.versions == 2 else arr[None]
             )
-        return 0, images
+        return 0, (images, sizes)
 
     def _write_shard(self, shard: int, records: list, encode_fn, batch_size: int, counts) -> None:
         n = len(records)
@@ -364,7 +370,7 @@ class LatentCache:
         dtype = np.dtype(self.key["dtype"])
         for field in self.fields:
             if len(ok):
-                images = np.concatenate([records[i][1][field] for i in ok])  # [len(ok) * V, ...]
+                images = np.concatenate([records[i][1][0][field] for i in ok])  # [len(ok) * V]
                 mean, logvar = _encode_padded(encode_fn, images, batch_size)
                 shape = (len(ok), self.versions) + mean.shape[1:]
                 mean, logvar = mean.reshape(shape), logvar.reshape(shape)
@@ -377,6 +383,10 @@ class LatentCache:
                 out_mean[ok], out_logvar[ok] = mean, logvar
             write_npy(self._path(shard, f"{field}.mean"), out_mean)
             write_npy(self._path(shard, f"{field}.logvar"), out_logvar)
+            sizes = np.zeros((n, 2), np.int32)
+            for i in ok:
+                sizes[i] = records[i][1][1][field]
+            write_npy(self._path(shard, f"{field}.size"), sizes)
         skipped = [info for code, info in records if code != 0]
         path = self._skipped_path(shard)
         if skipped or os.path.exists(path):
@@ -411,6 +421,7 @@ class LatentCache:
                 arrays[f"{field}_{part}"] = np.load(
                     self._path(shard, f"{field}.{part}"), mmap_mode="r"
                 )
+            arrays[f"{field}_size"] = np.load(self._path(shard, f"{field}.size"))
         return arrays
 
     def status(self, index: int) -> str | None:
@@ -439,6 +450,39 @@ class LatentCache:
         """Stacked (mean, logvar) [n, V, h, w, c] for a batch of example indices."""
         pairs = [self.moments(i, field) for i in indices]
         return np.stack([m for m, _ in pairs]), np.stack([lv for _, lv in pairs])
+
+    def sizes(self, indices: Iterable[int], field: str = "image") -> np.ndarray:
+        """Original (height, width) of each image, int32 [n, 2] (zeros for skipped records)."""
+        out = []
+        for i in indices:
+            if not 0 <= int(i) < self.num_records:
+                raise IndexError(f"latent cache: index {i} out of range [0, {self.num_records})")
+            shard, row = divmod(int(i), self.shard_size)
+            out.append(self._arrays(shard)[f"{field}_size"][row])
+        return np.asarray(out, np.int32).reshape(-1, 2)
+
+    def time_ids(
+        self, indices: Iterable[int], versions: Iterable[int] | None = None, field: str = "image"
+    ) -> np.ndarray:
+        """SDXL micro-conditioning of cached images, float32 [n, 6]: (orig_h, orig_w, crop_top,
+        crop_left, res, res) with the crop of version ``versions[i]`` (0 the image, 1 its flip;
+        None: version 0), as `transforms.sdxl_time_ids`. A skipped record has no size: ValueError."""
+        indices = [int(i) for i in indices]
+        versions = [0] * len(indices) if versions is None else [int(v) for v in versions]
+        if len(versions) != len(indices):
+            raise ValueError(f"time_ids: {len(indices)} indices but {len(versions)} versions")
+        res = int(self.key["resolution"])
+        rows = []
+        for i, v, size in zip(indices, versions, self.sizes(indices, field), strict=True):
+            if not 0 <= v < self.versions:
+                raise ValueError(f"latent cache {self.dir}: version {v} of {self.versions}")
+            if size.min() < 1:
+                raise ValueError(
+                    f"latent cache {self.dir}: record {i} ({field}) was skipped "
+                    f"({self.status(i)}), it has no size"
+                )
+            rows.append(transforms.sdxl_time_ids(tuple(size), res, flipped=v == 1))
+        return np.asarray(rows, np.float32).reshape(-1, 6)
 
     def summary(self) -> dict[str, int]:
         """Counts over the finished shards: ok and each skip reason (``empty_caption`` for

@@ -13,6 +13,9 @@ Choices (they are part of the latent-cache key, so changing one rebuilds the cac
   High-bit-depth integer or float images ("I", "F", "I;16") are refused as unsupported.
 - Images whose shorter side is below `min_size` are refused: upscaling them 2x or more would
   teach the model blur.
+- Geometry: the resized size and the crop follow from the image's original size (before a JPEG
+  draft reduction), so a drafted and a fully decoded image give the same crop box, and SDXL's
+  micro-conditioning (`sdxl_time_ids`) can be computed from the original size alone.
 """
 
 from __future__ import annotations
@@ -60,6 +63,17 @@ def decode_image(
     Returns (image, converted) where `converted` says the source was not plain RGB.
     Raises ImageError for empty, corrupt, too small or unsupported images.
     """
+    img, converted, _ = decode_image_with_size(
+        data, resolution=resolution, min_size=min_size, draft=draft
+    )
+    return img, converted
+
+
+def decode_image_with_size(
+    data: bytes | None, *, resolution: int, min_size: int, draft: bool = True
+) -> tuple[Image.Image, bool, tuple[int, int]]:
+    """`decode_image` plus the original (height, width) of the stored image: a JPEG draft
+    decodes at a reduced size, so the returned image's size may be smaller."""
     if data is None or len(data) == 0:
         raise ImageError("missing_image", "no image bytes")
     try:
@@ -67,7 +81,7 @@ def decode_image(
             # A DecompressionBombWarning becomes an error: such an image is not a photo.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            w, h = img.size
+            w, h = img.size  # before img.draft, which changes img.size
             if min(w, h) < min_size:
                 raise ImageError("too_small", f"{w}x{h} is below min_size={min_size}")
             if draft and img.format == "JPEG" and min(w, h) >= 2 * resolution:
@@ -78,6 +92,10 @@ def decode_image(
         raise
     except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data.
         raise ImageError("corrupt_image", f"{type(e).__name__}: {e}") from None
+    return (*_to_rgb(img), (h, w))
+
+
+def _to_rgb(img: Image.Image) -> tuple[Image.Image, bool]:
     mode = img.mode
     if mode == "RGB":
         return img, False
@@ -93,6 +111,41 @@ def decode_image(
     raise ImageError("unsupported_mode", f"PIL mode {mode!r}")
 
 
+def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(height, width) after resizing an image of (height, width) `size` so that its shorter
+    side is `resolution` (the longer side rounded, never below `resolution`)."""
+    h, w = int(size[0]), int(size[1])
+    if min(h, w) < 1:
+        raise ValueError(f"image size {size}: expected a positive (height, width)")
+    scale = resolution / min(h, w)
+    return max(resolution, round(h * scale)), max(resolution, round(w * scale))
+
+
+def center_crop_top_left(
+    size: tuple[int, int], resolution: int, *, flipped: bool = False
+) -> tuple[int, int]:
+    """(top, left) of the square center crop in the resized image's pixel coordinates, for an
+    image of original (height, width) `size`: what `resize_and_crop` cuts.
+
+    ``flipped``: the crop of the mirrored version (`hflip` of the crop), in the mirrored resized
+    image's coordinates. Cropping then mirroring equals mirroring then cropping at
+    ``nw - resolution - left``: the same as ``left`` when ``nw - resolution`` is even, one more
+    when it is odd (the floor of the centre moves to the other side).
+    """
+    nh, nw = resized_size(size, resolution)
+    top, left = (nh - resolution) // 2, (nw - resolution) // 2
+    return (top, nw - resolution - left) if flipped else (top, left)
+
+
+def sdxl_time_ids(
+    size: tuple[int, int], resolution: int, *, flipped: bool = False
+) -> tuple[int, int, int, int, int, int]:
+    """SDXL micro-conditioning of a center-cropped training image:
+    (orig_h, orig_w, crop_top, crop_left, resolution, resolution)."""
+    top, left = center_crop_top_left(size, resolution, flipped=flipped)
+    return int(size[0]), int(size[1]), top, left, int(resolution), int(resolution)
+
+
 def resize_and_crop(
     img: Image.Image,
     resolution: int,
@@ -100,17 +153,23 @@ def resize_and_crop(
     crop: str = "center",
     rng: np.random.Generator | None = None,
     resize_filter: str = "bicubic",
+    original_size: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Resizes the shorter side to `resolution`, crops a square; returns uint8 [res, res, 3]."""
+    """Resizes the shorter side to `resolution`, crops a square; returns uint8 [res, res, 3].
+
+    ``original_size``: (height, width) of the image before a JPEG draft reduction (default: the
+    image's own size); the resized size follows from it (`resized_size`), so the crop is
+    `center_crop_top_left(original_size, resolution)` whether or not the decode was drafted.
+    """
     if resize_filter not in RESIZE_FILTERS:
         raise ValueError(f"resize_filter={resize_filter!r}; expected one of {list(RESIZE_FILTERS)}")
     w, h = img.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    size = (h, w) if original_size is None else original_size
+    nh, nw = resized_size(size, resolution)
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), RESIZE_FILTERS[resize_filter])
     if crop == "center":
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+        top, left = center_crop_top_left(size, resolution)
     elif crop == "random":
         if rng is None:
             raise ValueError("crop='random' needs an rng")
@@ -145,6 +204,28 @@ def load_image(
     draft: bool = True,
 ) -> tuple[np.ndarray, bool]:
     """Bytes -> uint8 [res, res, 3] RGB crop and whether a colour conversion happened."""
-    img, converted = decode_image(data, resolution=resolution, min_size=min_size, draft=draft)
-    arr = resize_and_crop(img, resolution, crop=crop, rng=rng, resize_filter=resize_filter)
+    arr, converted, _ = load_image_with_size(
+        data, resolution, min_size=min_size, crop=crop, rng=rng, resize_filter=resize_filter,
+        draft=draft,
+    )  # fmt: skip
     return arr, converted
+
+
+def load_image_with_size(
+    data: bytes | None,
+    resolution: int,
+    *,
+    min_size: int,
+    crop: str = "center",
+    rng: np.random.Generator | None = None,
+    resize_filter: str = "bicubic",
+    draft: bool = True,
+) -> tuple[np.ndarray, bool, tuple[int, int]]:
+    """`load_image` plus the image's original (height, width) (before any draft reduction)."""
+    img, converted, size = decode_image_with_size(
+        data, resolution=resolution, min_size=min_size, draft=draft
+    )
+    arr = resize_and_crop(
+        img, resolution, crop=crop, rng=rng, resize_filter=resize_filter, original_size=size
+    )
+    return arr, converted, size

@@ -343,8 +343,11 @@ def load_pretrained(
     remat: bool = False,
     allow_pickle: bool = False,
     sharding: Any = None,
+    components: str | None = None,
+    prediction_type: str | None = None,
 ) -> StableDiffusion:
-    """Loads a diffusers-format Stable Diffusion directory (SD 1.x / 2.x).
+    """Loads a diffusers-format Stable Diffusion directory (SD 1.x / 2.x, SDXL), or one
+    single-file checkpoint in the original Stability / CompVis layout (``.safetensors``).
 
     ``dtype`` is the compute dtype of the networks; parameters stay float32.
     ``attention_impl``: None/"xla" (XLA), "auto" (cuDNN flash attention per layer where this
@@ -354,16 +357,57 @@ def load_pretrained(
     ``allow_pickle``: read ``.bin``/``.ckpt`` weights (needs torch; unpickling runs code).
     ``sharding``: where the params go. None: the default device. A ``jax.sharding.Sharding``
     for every array, a ``Mesh`` (``parallel.fsdp_param_sharding``: split over its ``fsdp``
-    axis, else replicated), or a dict of those per network ("unet", "vae", "text_encoder");
-    shards are placed straight from host memory.
+    axis, else replicated), or a dict of those per network ("unet", "vae", "text_encoder",
+    "text_encoder_2"); shards are placed straight from host memory.
+
+    Single files (``spin_jax.models.single_file``): the architecture is inferred from the
+    tensors; ``components`` is a diffusers folder of the same family whose tokenizer(s) (a file
+    holds none), scheduler and network configs are used (as diffusers' ``from_single_file(...,
+    config=)``); without one the inferred configs and scheduler are used and the tokenizer is
+    an error. ``prediction_type`` overrides the scheduler's (768-v SD 2.x: "v_prediction").
 
     The weights are memory-mapped, renamed, transposed and cast in NumPy, in one copy into one
     aligned host buffer per network, then put on the devices in one call: no per-tensor device
     dispatch or compilation.
     """
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model directory not found: {path}")
     attention_impl = check_attention(attention_impl, dtype)
+    if os.path.isfile(path):
+        spec = _single_file_spec(path, components, prediction_type, allow_pickle)
+    elif os.path.isdir(path):
+        spec = _folder_spec(path, allow_pickle)
+    else:
+        raise FileNotFoundError(f"model directory (or single-file checkpoint) not found: {path}")
+    # A helper thread reads and converts the weights (memory maps and NumPy copies, which
+    # release the GIL) while this thread parses configs, loads the tokenizer and traces the
+    # networks; the conversion is then checked against the traced parameter templates.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="spin_jax_load")
+    reads = {name: pool.submit(spec.read, name) for name in spec.family.networks}
+
+    def convert_and_place(name: str, shapes: Params) -> Params:
+        host = _convert_network(reads[name].result(), shapes)
+        return place(host, _shardings(sharding, name, host))
+
+    try:
+        return _load(spec, dtype, attention_impl, remat, pool, convert_and_place)
+    finally:
+        # On an error, do not wait for a conversion still copying: raise now.
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclasses.dataclass
+class _Spec:
+    """Where a model's parts come from: configs (and the file each came from), tokenizer
+    folders, and a function reading one network's tensors."""
+
+    path: str
+    family: Family
+    configs: dict[str, dict]
+    sources: dict[str, str]
+    tokenizers: dict[str, str]
+    read: Any  # name -> (tensors, prepared, source)
+
+
+def _folder_spec(path: str, allow_pickle: bool) -> _Spec:
     index_path = os.path.join(path, "model_index.json")
     family = family_of(read_json(index_path), index_path)  # a diffusers directory, before any work
     for name in family.folders:
@@ -372,33 +416,53 @@ def load_pretrained(
                 f"{path} has no '{name}' folder (a diffusers {family.pipeline_class} directory "
                 f"has {', '.join(family.folders)})"
             )
-    # A helper thread reads and converts the weights (memory maps and NumPy copies, which
-    # release the GIL) while this thread parses configs, loads the tokenizer and traces the
-    # networks; the conversion is then checked against the traced parameter templates.
-    pool = ThreadPoolExecutor(1, thread_name_prefix="spin_jax_load")
-    reads = {name: pool.submit(_read_network, path, name, allow_pickle) for name in family.networks}
-
-    def convert_and_place(name: str, shapes: Params) -> Params:
-        host = _convert_network(reads[name].result(), shapes)
-        return place(host, _shardings(sharding, name, host))
-
-    try:
-        return _load(path, family, dtype, attention_impl, remat, pool, convert_and_place)
-    finally:
-        # On an error, do not wait for a conversion still copying: raise now.
-        pool.shutdown(wait=False, cancel_futures=True)
+    configs, sources = {"model_index": read_json(index_path)}, {"model_index": index_path}
+    for name in (*family.networks, "scheduler"):
+        file = "scheduler_config.json" if name == "scheduler" else "config.json"
+        sources[name] = os.path.join(path, name, file)
+        configs[name] = read_json(sources[name])
+    tokenizers = {name: os.path.join(path, name) for name in family.tokenizers}
+    return _Spec(path, family, configs, sources, tokenizers,
+                 lambda name: _read_network(path, name, allow_pickle))  # fmt: skip
 
 
-def _load(path, family, dtype, attention_impl, remat, pool, convert_and_place) -> StableDiffusion:
-    def config(name: str, file: str = "config.json") -> tuple[dict, str]:
-        source = os.path.join(path, name, file)
-        return read_json(source), source
+def _single_file_spec(path: str, components: str | None, prediction_type: str | None,
+                      allow_pickle: bool) -> _Spec:  # fmt: skip
+    from spin_jax.models import single_file
 
-    configs = {"model_index": read_json(os.path.join(path, "model_index.json"))}
-    sources = {}
-    for name in family.networks:
-        configs[name], sources[name] = config(name)
-    configs["scheduler"], sources["scheduler"] = config("scheduler", "scheduler_config.json")
+    if components is None:
+        raise FileNotFoundError(
+            f"{path} is a single-file checkpoint, which holds no tokenizer: pass "
+            "components=<a diffusers folder of the same family> (its tokenizer(s), scheduler "
+            "and network configs are used)"
+        )
+    comp = _folder_spec(components, allow_pickle)
+    kind = single_file.file_family(path, allow_pickle=allow_pickle)
+    family = FAMILIES["sdxl" if kind == "sdxl" else "sd"]
+    if comp.family is not family:
+        raise ValueError(
+            f"components={components} is a {comp.family.pipeline_class} folder, but {path} "
+            f"holds a {kind} checkpoint"
+        )
+    # The folder's configs decide what the tensors cannot tell (heads, norm groups, ...).
+    overrides = {name: comp.configs[name] for name in comp.family.networks}
+    sf = single_file.read_single_file(path, prediction_type=prediction_type,
+                                      overrides=overrides, allow_pickle=allow_pickle)  # fmt: skip
+    configs, sources = dict(sf.configs), {}
+    for name in (*family.networks, "scheduler", "model_index"):
+        configs[name], sources[name] = comp.configs[name], comp.sources[name]
+    if prediction_type is not None:
+        configs["scheduler"] = dict(configs["scheduler"], prediction_type=prediction_type)
+
+    def read(name):
+        tensors = sf.state_dicts[name]
+        return tensors, convert.prepare(tensors, np.float32), path
+
+    return _Spec(path, family, configs, sources, comp.tokenizers, read)
+
+
+def _load(spec: _Spec, dtype, attention_impl, remat, pool, convert_and_place) -> StableDiffusion:
+    family, configs, sources = spec.family, spec.configs, spec.sources
     if family.pooled:
         check_text_conditioning(configs, sources)
     unet = unet_from_config(configs["unet"], dtype=dtype, attention_impl=attention_impl,
@@ -416,11 +480,12 @@ def _load(path, family, dtype, attention_impl, remat, pool, convert_and_place) -
     schedule = schedule_from_config(configs["scheduler"], source=sources["scheduler"])
     tokenizers = [
         load_tokenizer(
-            os.path.join(path, tok), max_length=int(configs[enc].get("max_position_embeddings", 77))
+            spec.tokenizers[tok], max_length=int(configs[enc].get("max_position_embeddings", 77))
         )  # fmt: skip
         for tok, enc in zip(family.tokenizers, family.text_encoders, strict=True)
     ]
-    sd = StableDiffusion(unet, vae, encoders[0], tokenizers[0], schedule, {}, configs, path,
+    sd = StableDiffusion(unet, vae, encoders[0], tokenizers[0], schedule, {}, configs,
+                         spec.path if os.path.isdir(spec.path) else None,
                          text_encoder_2=encoders[1] if len(encoders) > 1 else None,
                          tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None,
                          family=family)  # fmt: skip

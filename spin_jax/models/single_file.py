@@ -656,6 +656,11 @@ def _detect_family(keys: list[str], path: str) -> str:
     )
 
 
+def file_family(path: str, *, allow_pickle: bool = False) -> str:
+    """The family ("sd1" | "sd2" | "sdxl") of a single-file checkpoint, from its key names."""
+    return _detect_family(list(_load(path, allow_pickle)), path)
+
+
 def read_single_file(
     path: str,
     *,
@@ -790,7 +795,7 @@ def convert_from_original(
         configs[name].update(fields)
     if family == "sdxl":
         unet = configs["unet"]
-        if "addition_embed_type" not in unet:
+        if not unet.get("addition_embed_type"):
             raise ValueError(f"{path}: an SDXL file whose UNet has no label_emb (addition embedding)")  # fmt: skip
         pooled = configs["text_encoder_2"]["projection_dim"]
         rest = unet["projection_class_embeddings_input_dim"] - pooled
@@ -801,7 +806,7 @@ def convert_from_original(
                     f"features, not the pooled text width {pooled} + 6 time ids"
                 )
             unet["addition_time_embed_dim"] = rest // 6
-    elif "addition_embed_type" in configs["unet"]:
+    elif configs["unet"].get("addition_embed_type"):
         raise ValueError(f"{path}: the UNet has label_emb (a class/addition embedding), which {family} has not")  # fmt: skip
     _check_heads(configs, path)
     return SingleFile(path, family, configs, state_dicts, skipped)

@@ -172,7 +172,10 @@ def read_batch(config: ml_collections.ConfigDict, objective: Objective, data: Da
     """This process's part of global batch ``step`` of round ``round_``: posterior moments of
     the cached latents (drawn on device by the step), rolled-out latents, labels, token ids
     and, with ``time_ids`` (SDXL), the micro-conditioning of each example (``data.sdxl_time_ids``:
-    "fixed" = (res, res, 0, 0, res, res), as Diffusion-DPO's SDXL script)."""
+    "fixed" = (res, res, 0, 0, res, res), as Diffusion-DPO's SDXL script; "true" = the image's
+    original size and the crop of the drawn version, from the latent cache, as diffusers' SDXL
+    examples). Pairs get one row, the winner's ("image"): the step conditions the winner and the
+    loser on the same row."""
     c = config
     b = c.train.batch_size
     rows = global_rows(c, objective, data, round_, step)
@@ -194,7 +197,9 @@ def read_batch(config: ml_collections.ConfigDict, objective: Objective, data: Da
         out["label"] = data.labels[rows]
     prompts = ["" if d else data.captions[r] for r, d in zip(rows, dropped, strict=True)]
     out["input_ids"] = tokenize(prompts)
-    if time_ids:
+    if time_ids and c.data.sdxl_time_ids == "true":
+        out["time_ids"] = data.cache.time_ids(rows, flips, field="image")
+    elif time_ids:
         res = float(c.data.resolution)
         row = np.asarray([res, res, 0.0, 0.0, res, res], np.float32)
         out["time_ids"] = np.broadcast_to(row, (len(rows), 6)).copy()

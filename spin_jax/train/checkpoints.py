@@ -4,16 +4,23 @@ Round k of a run keeps its checkpoints in ``<workdir>/iteration_k/checkpoints/<s
 counting the optimizer steps of that round (1..train.steps); the last step of a round is its
 end. Each holds the UNet parameters, the optimizer state and a small JSON ``meta``. Everything
 that reads a run's weights (the trainer's reference rule, evaluation, export) reads them here.
+
+A LoRA run (``model.lora.rank > 0``) checkpoints its adapter and the adapter's optimizer state
+only; ``<workdir>/lora.json`` records the adapted layers, their ranks and the scale, so readers
+rebuild the adapter's tree without the config. ``load_iteration_params`` of a LoRA run returns
+the merged UNet params, ``load_iteration_adapter`` the adapter itself.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from spin_jax.files import write_json
 from spin_jax.train.state import TrainState
 
 
@@ -135,9 +142,54 @@ def restore_state(workdir: str, round_: int, step: int, like: TrainState) -> Tra
     return like.replace(params=restored["params"], step=rest["step"], opt_state=rest["opt_state"])
 
 
+LORA_FILE = "lora.json"
+
+
+def write_lora_info(workdir: str, adapter: Any, scale: float) -> None:
+    """Records a LoRA run's layers, ranks and scale in ``<workdir>/lora.json``."""
+    from spin_jax.models import lora
+
+    info = {"scale": float(scale), "layers": lora.describe(adapter)}
+    write_json(os.path.join(workdir, LORA_FILE), info, sort_keys=True)
+
+
+def read_lora_info(workdir: str) -> dict | None:
+    """``{"scale", "layers": {module: rank}}`` of a LoRA run; None for a full fine-tune."""
+    path = os.path.join(workdir, LORA_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_iteration_adapter(workdir: str, iteration: int, unet_like: Any,
+                           step: int | None = None) -> tuple[Any, float]:  # fmt: skip
+    """``(adapter, scale)`` of round ``iteration`` of a LoRA run (host arrays); ``unet_like``:
+    the base UNet params (or their shapes), from which the adapter's tree is rebuilt."""
+    from spin_jax.models import lora
+
+    info = read_lora_info(workdir)
+    if info is None:
+        raise ValueError(f"{workdir} is not a LoRA run (no {LORA_FILE})")
+    like = lora.zeros(unet_like, info["layers"])
+    return _load_params(workdir, iteration, like, step), float(info["scale"])
+
+
 def load_iteration_params(workdir: str, iteration: int, like: Any, step: int | None = None) -> Any:
     """The UNet params of round ``iteration`` at checkpoint ``step`` (default: its last one),
-    as host arrays (the caller places them)."""
+    as host arrays (the caller places them). ``like``: the UNet params (or their shapes); of a
+    LoRA run, the base UNet params, which come back with the round's adapter merged; an adapter
+    tree as ``like`` reads the adapter itself."""
+    from spin_jax.models import lora
+
+    info = read_lora_info(workdir)
+    if info is not None and not lora.is_adapter(like):
+        adapter, scale = load_iteration_adapter(workdir, iteration, like, step)
+        return jax.device_get(lora.merge_jit(like, adapter, scale))
+    return _load_params(workdir, iteration, like, step)
+
+
+def _load_params(workdir: str, iteration: int, like: Any, step: int | None) -> Any:
     path = checkpoint_dir(workdir, iteration)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoints for iteration {iteration} in {workdir}")

@@ -12,7 +12,7 @@ from spin_jax.train import objectives
 
 SOURCES = ("imagefolder", "pickapic", "tfds")
 DTYPES = ("auto", "float32", "bfloat16")
-SDXL_TIME_IDS = ("fixed",)
+SDXL_TIME_IDS = ("fixed", "true")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -23,7 +23,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.overwrite = False  # allow a workdir holding a run with another config to be replaced
 
     c.model = ml_collections.ConfigDict()
-    c.model.path = ""  # diffusers-format directory
+    c.model.path = ""  # diffusers-format directory, or a single-file checkpoint (.safetensors)
+    c.model.components = ""  # single file: a diffusers folder for its tokenizer(s) and configs
     # Compute dtype ("auto": bfloat16 on GPUs and TPUs, float32 on CPUs); parameters stay float32.
     c.model.dtype = "auto"
     # "auto": cuDNN flash attention per layer where the GPU, dtype and head dim allow, XLA
@@ -31,6 +32,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention_impl = "auto"
     c.model.remat = False
     c.model.allow_pickle = False
+    # LoRA adapters on the UNet (spin_jax.models.lora): rank 0 = full fine-tuning. alpha 0 means
+    # alpha = rank (scale 1). targets: layer names (peft's rule: a dotted suffix of the module
+    # name) or the shorthands attn / ff / conv / proj. init_from: a LoRA file (diffusers, peft
+    # or kohya format) to start from; its layers and ranks replace rank / targets.
+    c.model.lora = ml_collections.ConfigDict()
+    c.model.lora.rank = 0
+    c.model.lora.alpha = 0.0
+    c.model.lora.targets = ("to_q", "to_k", "to_v", "to_out.0")
+    c.model.lora.dropout = 0.0  # only 0: a weight merge cannot express dropout
+    c.model.lora.init_from = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "imagefolder"
@@ -47,7 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.cache_dir = ""  # latent cache; "" -> <workdir>/latent_cache
     c.data.encode_batch_size = 32
     # SDXL micro-conditioning in training: "fixed" = (res, res, 0, 0, res, res) for every image,
-    # as Diffusion-DPO's SDXL script (choice; diffusers' DPO example uses each image's own size).
+    # as Diffusion-DPO's SDXL script (choice); "true": each image's original size and crop, as
+    # diffusers' SDXL examples (pairs: the winner's).
     c.data.sdxl_time_ids = "fixed"
 
     c.train = ml_collections.ConfigDict()
@@ -213,6 +225,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         fail("loss.sft_weight", "must be >= 0")
     if c.objective.startswith("pso"):
         _validate_pso(c, fail)
+    validate_lora(c)
 
 
 def _validate_pso(c: ml_collections.ConfigDict, fail) -> None:
@@ -231,6 +244,28 @@ def _validate_pso(c: ml_collections.ConfigDict, fail) -> None:
             fail("pso.pairs_per_round", "must be >= 1")
         if p.reward not in p.scorers:
             fail("pso.reward", f"must be one of {sorted(p.scorers)}")
+
+
+def validate_lora(c: ml_collections.ConfigDict) -> None:
+    """The ``model.lora`` fields (configs without them train the full UNet)."""
+    cfg = c.model.get("lora")
+    if cfg is None:
+        return
+
+    def fail(field: str, msg: str) -> None:
+        raise ValueError(f"config.model.lora.{field} = {cfg.get(field)!r}: {msg}")
+
+    if not isinstance(cfg.rank, int) or cfg.rank < 0:
+        fail("rank", "must be an int >= 0 (0: full fine-tuning)")
+    if float(cfg.alpha) < 0:
+        fail("alpha", "must be >= 0 (0: alpha = rank)")
+    if float(cfg.get("dropout", 0.0)) != 0.0:
+        fail("dropout", "LoRA dropout is not supported: adapters are applied as a weight merge, "
+             "which cannot drop the adapter's inputs; use 0")  # fmt: skip
+    if cfg.rank == 0 and cfg.get("init_from"):
+        fail("init_from", "needs model.lora.rank > 0 (LoRA training)")
+    if cfg.rank > 0 and not cfg.targets:
+        fail("targets", "name at least one layer (e.g. to_q)")
 
 
 def accumulation(c: ml_collections.ConfigDict, data_parallel: int) -> tuple[int, str]:

@@ -21,6 +21,7 @@ on disk. Workdir layout:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -35,6 +36,7 @@ import numpy as np
 from spin_jax import parallel, platform, runlock
 from spin_jax.data.latent_cache import sample_latents
 from spin_jax.files import write_json
+from spin_jax.models import lora
 from spin_jax.train import batches, checkpoints, objectives, pso, rollout
 from spin_jax.train import config as config_lib
 from spin_jax.train import metrics as metrics_lib
@@ -96,23 +98,31 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def make_step(config: ml_collections.ConfigDict, objective: objectives.Objective, sd: Any,
-              lr_fn: Any, mesh: jax.sharding.Mesh):  # fmt: skip
+              lr_fn: Any, mesh: jax.sharding.Mesh, lora_scale: float | None = None):  # fmt: skip
     """The trainer's step: draw the cached latents from their VAE posteriors, then the
-    objective's train step. ``(state, ref, text, batch, key, beta) -> (state, metrics)``."""
+    objective's train step. ``(state, ref, text, batch, key, beta) -> (state, metrics)``.
+    LoRA (``lora_scale`` set): the state's params and ``ref`` are adapters and the frozen base
+    UNet comes in as the argument ``base`` (one copy, not a constant baked into the program)."""
     c = config
     cached = sorted(set(objective.cache_fields.values()))
     if objective.rollout == "online_pairs":  # online PSO: transitions, not noised latents
-        return pso.make_online_step(c, sd, learning_rate_fn=lr_fn, mesh=mesh)
+        return pso.make_online_step(
+            c, sd, learning_rate_fn=lr_fn, mesh=mesh,
+            wrap_apply=lambda base: lora.wrap_apply(sd.unet_apply, base, lora_scale),
+        )  # fmt: skip
     timesteps = None
     if objective.timesteps == "distilled":  # offline PSO: the few-step model's timesteps
         timesteps = pso.distilled_timesteps(c, sd.schedule)
         how = "pso.timesteps" if c.pso.timesteps else f"pso.timestep_source {c.pso.timestep_source}"
         say(f"timesteps: {timesteps.tolist()} (distilled, {how})")
 
-    def step(state, ref_params, text_params, batch, key, beta):
+    def step(state, ref_params, text_params, batch, key, beta, base=None):
+        unet_apply = (
+            sd.unet_apply if base is None else lora.wrap_apply(sd.unet_apply, base, lora_scale)
+        )
         train_step = make_train_step(
             objective.name,
-            unet_apply=sd.unet_apply,
+            unet_apply=unet_apply,
             encode_text=sd.encode_prompt,
             schedule=sd.schedule,
             beta=beta if objective.needs_reference else None,
@@ -139,17 +149,47 @@ def make_step(config: ml_collections.ConfigDict, objective: objectives.Objective
 
 class _References:
     """UNet params of round ends (0 = the base), read from the checkpoints on first use and
-    kept while they are the current reference."""
+    kept while they are the current reference.
 
-    def __init__(self, workdir: str, base: Any):
+    LoRA (``off`` = the base as an adapter): ``get`` gives adapters, as the train step takes
+    them, and ``unet`` the merged UNet params the rollouts sample with."""
+
+    def __init__(self, workdir: str, base: Any, off: Any = None, scale: float = 1.0):
         self.workdir, self.base, self.held = workdir, base, {}
+        self.off, self.scale = off, scale
 
     def get(self, round_: int) -> Any:
         if round_ == 0:
-            return self.base
+            return self.base if self.off is None else self.off
         if round_ not in self.held:
-            self.held = {round_: checkpoints.load_iteration_params(self.workdir, round_, self.base)}
+            like = self.base
+            if self.off is not None:  # the adapter's tree (a fixed base reference has none)
+                like = (
+                    self.off if lora.is_adapter(self.off) else lora.zeros(self.base, self._ranks())
+                )
+            self.held = {round_: checkpoints.load_iteration_params(self.workdir, round_, like)}
         return self.held[round_]
+
+    def _ranks(self) -> dict[str, int]:
+        return checkpoints.read_lora_info(self.workdir)["layers"]
+
+    def unet(self, round_: int) -> Any:
+        if self.off is None or round_ == 0:
+            return self.base
+        return lora.merge_jit(self.base, self.get(round_), self.scale)
+
+
+def _policy_unet(state: TrainState, refs: _References) -> Any:
+    """The current policy's UNet params, whole on this process (LoRA: merged into the base)."""
+    params = parallel.local_copy(state.params)
+    return params if refs.off is None else lora.merge_jit(refs.base, params, refs.scale)
+
+
+def _place_base(base: Any, mesh: jax.sharding.Mesh) -> Any:
+    """The frozen base UNet of a LoRA run on the mesh: split over ``fsdp`` where it is > 1."""
+    if jax.process_count() == 1:
+        return jax.device_put(base, parallel.fsdp_param_sharding(mesh, base))
+    return parallel.replicate(base, mesh)
 
 
 def _round_means(path: str, first: int, last: int) -> dict[str, float]:
@@ -215,8 +255,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any,
             raise ValueError("config.objective = pso_online needs a reward model: loop.run(..., "
                              "reward_fn=...); launch/train.py builds it from config.pso.reward "
                              "and config.pso.scorers")  # fmt: skip
-    if not os.path.isdir(c.model.path):
-        raise FileNotFoundError(f"config.model.path: model directory not found: {c.model.path}")
+    if not os.path.exists(c.model.path):
+        raise FileNotFoundError(f"config.model.path: model not found: {c.model.path}")
     if not os.path.exists(c.data.path):
         raise FileNotFoundError(f"config.data.path: dataset not found: {c.data.path}")
     check_workdir(workdir, config)
@@ -226,7 +266,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any,
         dtype_why = f"auto on {jax.devices()[0].platform}"
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[c.model.dtype]
     sd = load_pretrained(c.model.path, dtype, attention_impl=c.model.attention_impl or None,
-                         remat=c.model.remat, allow_pickle=c.model.allow_pickle)  # fmt: skip
+                         remat=c.model.remat, allow_pickle=c.model.allow_pickle,
+                         components=c.model.components or None)  # fmt: skip
     # local: this process's flag, between units each process does on its own; stop: every
     # process's verdict, where they all are in step (a collective with several processes).
     local = (lambda: bool(guard.requested)) if guard is not None else None
@@ -247,11 +288,27 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any,
     total = n_rounds * steps if objective.continuous else steps
     tx, lr_fn = make_optimizer(dict(c.train.to_dict(), total_steps=total))
     base = sd.params["unet"]
+    adapter = lora.from_config(c.model.lora, base, jax.random.fold_in(jax.random.key(c.seed), 7))
+    scale = None if adapter is None else adapter[1]
     refs = _References(workdir, base)
-    state = TrainState.create(base, tx, mesh=mesh)
+    if adapter is not None:  # LoRA: the state holds the adapter; the reference is one too
+        adapter = adapter[0]
+        # The base as an adapter: none at all for a fixed base reference (no merge), zeros for
+        # the other rules, whose later references are adapters (one compiled step for all).
+        off = {} if objective.reference == "base" else jax.tree.map(jnp.zeros_like, adapter)
+        refs = _References(workdir, base, off, scale)
+        if metrics_lib.is_main():
+            checkpoints.write_lora_info(workdir, adapter, scale)
+        say(f"LoRA: {len(lora.describe(adapter))} layers, rank {c.model.lora.rank}, scale "
+            f"{scale:g}, {sum(x.size for x in jax.tree.leaves(adapter)):,} trained parameters")  # fmt: skip
+    state = TrainState.create(base if adapter is None else adapter, tx, mesh=mesh)
     # The output state keeps the input's layout, so every step of every round calls the
     # executable compiled for the first one.
-    step_jit = jit_train_step(make_step(c, objective, sd, lr_fn, mesh), state_sharding(state))
+    step_jit = jit_train_step(
+        make_step(c, objective, sd, lr_fn, mesh, scale), state_sharding(state)
+    )
+    if adapter is not None:
+        step_jit = functools.partial(step_jit, base=_place_base(base, mesh))
     text = parallel.replicate(sd.text_params(sd.params), mesh)
 
     first_round, first_step = 1, 0
@@ -279,7 +336,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any,
         ro = None
         if online:
             ro = pso.roll_out_pairs(
-                config=c, sd=sd, policy=lambda st=state: parallel.local_copy(st.params), round_=k,
+                config=c, sd=sd, policy=lambda st=state: _policy_unet(st, refs), round_=k,
                 round_dir=checkpoints.round_dir(workdir, k), data=data, reward_fn=reward_fn,
                 barrier=barrier, stop=local, agree=stop,
             )  # fmt: skip
@@ -290,7 +347,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any,
         elif objective.rollout != "none":
             rows = batches.round_rows(c, objective, data, k)
             ro = rollout.roll_out(
-                objective.rollout, config=c, sd=sd, reference=refs.get(ref_round),
+                objective.rollout, config=c, sd=sd, reference=refs.unet(ref_round),
                 reference_name=_ref_name(ref_round), round_=k,
                 round_dir=checkpoints.round_dir(workdir, k), source=data.source,
                 captions=data.captions, rows=rows, barrier=barrier, stop=local, agree=stop,
@@ -307,7 +364,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any,
                                             state, ref, text, ro, k, start, beta, ref_round,
                                             stop)  # fmt: skip
         summary = _finish_round(c, objective, sd, workdir, state, k, ref_round, beta, last,
-                                means, t_rollout, t_train)  # fmt: skip
+                                means, t_rollout, t_train, refs)  # fmt: skip
         summaries.append(summary)
         if online and not c.pso.keep_trajectories and metrics_lib.is_main():
             pso.drop_trajectories(checkpoints.round_dir(workdir, k))
@@ -400,11 +457,14 @@ def _train_round(c, workdir, objective, data, sd, mesh, writer, step_jit, state,
 
 
 def _finish_round(c, objective, sd, workdir, state, k, ref_round, beta, last, means,
-                  t_rollout, t_train) -> dict[str, Any]:  # fmt: skip
+                  t_rollout, t_train, refs=None) -> dict[str, Any]:  # fmt: skip
     steps = int(c.train.steps)
     every = max(1, int(c.log.grid_every_rounds))
     if (k % every == 0 or k == int(c.iterations)) and c.log.grid_prompts:
-        _grid(c, sd, parallel.local_copy(state.params), checkpoints.round_dir(workdir, k))
+        unet = parallel.local_copy(state.params)
+        if refs is not None and refs.off is not None:  # LoRA: the adapter merged into the base
+            unet = lora.merge_jit(refs.base, unet, refs.scale)
+        _grid(c, sd, unet, checkpoints.round_dir(workdir, k))
     summary = {
         "iteration": k,
         "objective": objective.name,
