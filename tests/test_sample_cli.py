@@ -250,7 +250,9 @@ def test_sdxl_turbo_preset_and_single_file_models(tmp_path):
     images = generate(sd, sd.params, ids, jax.random.key(0), num_steps=4, guidance_scale=0.0,
                       height=16, width=16, sampler="euler_ancestral")  # fmt: skip
     ours = np.round((np.clip(np.asarray(images), -1, 1) + 1) * 127.5).astype(np.uint8)
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "turbo" / "000001.png")), ours[1])
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "turbo" / "000001.png")), ours[1]
+    )
 
     folder = make_tiny_sd(str(tmp_path / "sd1"), "sd1")
     sd1 = load_pretrained(folder)
