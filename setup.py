@@ -27,7 +27,7 @@ setup(
         "tensorboardX",
     ],
     extras_require={
-        # PyTorch, diffusers and transformers' PyTorch models are test references only.
+        # PyTorch, diffusers, peft and transformers' PyTorch models are test references only.
         # torch is pinned: an unpinned requirement pulls several GB of CUDA wheels.
         "test": [
             "pytest",
@@ -36,6 +36,7 @@ setup(
             "torch==2.13.0",
             "diffusers>=0.30",
             "transformers>=4.40",
+            "peft",
             "ruff",
         ],
         "gpu": ["jax[cuda13]"],

@@ -18,10 +18,13 @@ Activations and compiler temporaries are not included (they depend on batch, res
 remat and attention kernels, and are the same for both modes up to the adapter's own small
 ones); the compiled step's ``memory_analysis`` gives them on a device machine.
 
-SD 1.5: ``spin_jax.models.presets.SD15_UNET``. SDXL: ``presets.SDXL_UNET`` if present, else the
-config below (stabilityai/stable-diffusion-xl-base-1.0 ``unet/config.json``, written from the
-published file); its shapes come from the project's UNet where it builds SDXL, else from
-diffusers' UNet on the meta device (no memory), renamed to Flax paths.
+SD 1.5: ``spin_jax.models.presets.SD15_UNET``; SDXL: ``presets.SDXL_UNET`` (shapes of the
+project's UNet). ``--fsdp N`` also prints the per-device share when parameters, gradients and
+optimizer state are split over N devices (``mesh.fsdp``; small leaves stay replicated, ignored
+here). ``--activations`` compiles one forward + backward of the UNet (bf16 compute, remat, one
+example at the given resolution) on this machine and prints XLA's memory analysis of it: the
+temporaries a training step adds per example on top of the state (CPU compile; a GPU's
+kernels differ, so treat it as an estimate).
 """
 
 from __future__ import annotations
@@ -41,64 +44,11 @@ from spin_jax.models import lora, presets  # noqa: E402
 from spin_jax.train.optim import make_optimizer  # noqa: E402
 from spin_jax.train.state import TrainState  # noqa: E402
 
-SDXL_UNET = {
-    "_class_name": "UNet2DConditionModel",
-    "act_fn": "silu",
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 2048,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816,
-    "sample_size": 128,
-    "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "use_linear_projection": True,
-}
-
 
 def _project_shapes(config: dict):
     from spin_jax.models.unet import unet_from_config, unet_param_shapes
 
     return unet_param_shapes(unet_from_config(config))
-
-
-def _diffusers_shapes(config: dict):
-    """Flax-named ShapeDtypeStructs of diffusers' UNet built on the meta device."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from spin_jax.models.convert import torch_key_to_path
-
-    with torch.device("meta"):
-        model = UNet2DConditionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})  # fmt: skip
-    out: dict = {}
-    for key, p in model.state_dict().items():
-        path, leaf = torch_key_to_path(key)
-        shape = tuple(p.shape)
-        if leaf == "weight" and len(shape) == 4:
-            leaf, shape = "kernel", (shape[2], shape[3], shape[1], shape[0])
-        elif leaf == "weight" and len(shape) == 2:
-            leaf, shape = "kernel", (shape[1], shape[0])
-        elif leaf == "weight":
-            leaf = "scale"
-        node = out
-        for part in path:
-            node = node.setdefault(part, {})
-        node[leaf] = jax.ShapeDtypeStruct(shape, jnp.float32)
-    return out
 
 
 def _nbytes(tree) -> int:
@@ -138,22 +88,60 @@ def rows(name: str, shapes, rank: int, targets) -> list[dict]:
     return out
 
 
+def activations(name: str, config: dict, resolution: int, context_dim: int) -> dict:
+    """XLA's memory analysis of one compiled UNet forward + backward (bf16, remat, batch 1)."""
+    from spin_jax.models.unet import unet_from_config, unet_param_shapes
+
+    model = unet_from_config(config, dtype=jnp.bfloat16, remat=True)
+    shapes = unet_param_shapes(model)
+    h = resolution // 8
+    x = jax.ShapeDtypeStruct((1, h, h, 4), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    ctx = jax.ShapeDtypeStruct((1, 77, context_dim), jnp.float32)
+    extra = {}
+    if config.get("addition_embed_type") == "text_time":
+        pooled = (
+            config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        )
+        extra["added_cond"] = {"text_embeds": jax.ShapeDtypeStruct((1, pooled), jnp.float32),
+                               "time_ids": jax.ShapeDtypeStruct((1, 6), jnp.float32)}  # fmt: skip
+
+    def loss(p, x, t, ctx, extra):
+        out = model.apply({"params": p}, x, t, ctx, **extra)
+        return jnp.mean(jnp.square(out.astype(jnp.float32)))
+
+    compiled = jax.jit(jax.grad(loss)).lower(shapes, x, t, ctx, extra).compile()
+    mem = compiled.memory_analysis()
+    gib = 2.0**30
+    return {"model": name, "activations": f"{resolution}px, batch 1, bf16, remat",
+            "temp_gib": round(mem.temp_size_in_bytes / gib, 3),
+            "argument_gib": round(mem.argument_size_in_bytes / gib, 3),
+            "output_gib": round(mem.output_size_in_bytes / gib, 3),
+            "device": jax.devices()[0].platform}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--targets", default=",".join(lora.DEFAULT_TARGETS))
+    ap.add_argument("--fsdp", type=int, default=1, help="devices the state is split over")
+    ap.add_argument("--activations", action="store_true")
+    ap.add_argument("--models", default="sd15,sdxl")
     args = ap.parse_args()
     targets = lora.expand_targets(args.targets)
-    sdxl = getattr(presets, "SDXL_UNET", None)
-    configs = [("sd15", presets.SD15_UNET, "presets.SD15_UNET"),
-               ("sdxl", sdxl or SDXL_UNET, "presets.SDXL_UNET" if sdxl else "bench SDXL_UNET")]  # fmt: skip
-    for name, config, origin in configs:
-        try:
-            shapes, how = _project_shapes(dict(config)), "spin_jax UNet"
-        except (ValueError, TypeError) as e:  # the project's UNet does not build it (yet)
-            shapes, how = _diffusers_shapes(dict(config)), f"diffusers meta UNet ({str(e)[:80]})"
+    configs = {"sd15": (presets.SD15_UNET, 512, 768), "sdxl": (presets.SDXL_UNET, 1024, 2048)}
+    for name in args.models.split(","):
+        config, resolution, context_dim = configs[name]
+        shapes = _project_shapes(dict(config))
         for row in rows(name, shapes, args.rank, targets):
-            print(json.dumps({**row, "config": origin, "shapes_from": how}), flush=True)
+            if args.fsdp > 1:
+                state = sum(v for k, v in row.items() if k.endswith("_gib") and k != "total_gib"
+                            and k != "merged_bytes_gib")  # fmt: skip
+                row["fsdp"] = args.fsdp
+                row["per_device_state_gib"] = round(state / args.fsdp, 3)
+            print(json.dumps({**row, "config": f"presets.{name.upper()}_UNET"}), flush=True)
+        if args.activations:
+            print(json.dumps(activations(name, dict(config), resolution, context_dim)), flush=True)
 
 
 if __name__ == "__main__":

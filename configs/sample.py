@@ -26,7 +26,8 @@ import ml_collections
 def get_config(arg: str | None = None):
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict()
-    c.model.path = ""  # diffusers-format Stable Diffusion directory
+    c.model.path = ""  # diffusers-format Stable Diffusion directory, or a single-file checkpoint
+    c.model.components = ""  # single file: a diffusers folder for its tokenizer(s) and configs
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     # "auto": cuDNN flash attention where the GPU, dtype and head dim allow, XLA elsewhere.
     c.model.attention_impl = "auto"

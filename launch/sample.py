@@ -71,7 +71,8 @@ def read_prompts(path: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=1)
-def load_model(path: str, dtype: str, attention_impl: str, allow_pickle: bool):
+def load_model(path: str, dtype: str, attention_impl: str, allow_pickle: bool,
+               components: str = ""):  # fmt: skip
     import jax.numpy as jnp
 
     from spin_jax.models import load_pretrained
@@ -81,9 +82,8 @@ def load_model(path: str, dtype: str, attention_impl: str, allow_pickle: bool):
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     if dtype not in dtypes:
         raise ValueError(f"config.model.dtype={dtype!r} is not one of {sorted(dtypes)}")
-    return load_pretrained(
-        path, dtypes[dtype], attention_impl=attention_impl or None, allow_pickle=allow_pickle
-    )
+    return load_pretrained(path, dtypes[dtype], attention_impl=attention_impl or None,
+                           allow_pickle=allow_pickle, components=components or None)  # fmt: skip
 
 
 def _to_uint8(images):
@@ -172,9 +172,18 @@ def settings_of(config, prompts: list[str]) -> dict:
         "model": {
             "path": os.path.abspath(config.model.path),
             "fingerprint": folder_fingerprint(config.model.path),
+            "components": _components_fingerprint(config),
             "dtype": config.model.dtype,
         },
     }
+
+
+def _components_fingerprint(config) -> str | None:
+    """A single-file model's components folder (tokenizers, configs) is part of the model."""
+    from spin_jax.runlock import folder_fingerprint
+
+    comp = config.model.get("components", "")
+    return folder_fingerprint(comp) if comp else None
 
 
 def _plain(value):
@@ -241,9 +250,9 @@ def check_config(config) -> None:
         )
     if not config.model.path:
         raise ValueError("config.model.path is empty: give a diffusers-format model folder")
-    if not os.path.isdir(config.model.path):
+    if not os.path.exists(config.model.path):
         raise FileNotFoundError(
-            f"config.model.path: model directory not found: {config.model.path}"
+            f"config.model.path: model (directory or single file) not found: {config.model.path}"
         )
     if lora_path(config):
         from spin_jax.models import lora
@@ -307,6 +316,7 @@ def _generate(config, prompts: list[str]) -> dict:
         config.model.dtype,
         config.model.attention_impl,
         bool(config.model.allow_pickle),
+        config.model.get("components", ""),
     )
     os.makedirs(os.path.join(out_dir, "latents") if want_latents else out_dir, exist_ok=True)
 

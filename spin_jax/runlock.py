@@ -240,12 +240,16 @@ class SettingsMismatchError(ValueError):
 
 def folder_fingerprint(path: str) -> str:
     """A hash of the names, sizes and modification times of the files under ``path`` (hidden
-    files skipped): it changes when any weight or config file is replaced, without reading
+    files skipped; or of the file ``path``): it changes when any weight or config file is replaced, without reading
     the weights. sha256, first 32 hex chars."""
     import hashlib
 
     h = hashlib.sha256()
     root = os.path.abspath(path)
+    if os.path.isfile(root):  # a single-file checkpoint
+        st = os.stat(root)
+        h.update(f"{os.path.basename(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:32]
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):

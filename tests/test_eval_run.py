@@ -257,3 +257,29 @@ def test_settings_lock_and_interrupt(setup, tmp_path, monkeypatch):
         json.dump({"host": "node-3", "pid": 99, "since": 0, "command": "evaluate"}, f)
     with pytest.raises(runlock.LockedError, match="in use by a run on another host: host node-3"):
         evaluate.run(c, workdir)
+
+
+def test_model_with_a_lora_file(setup, tmp_path):
+    """name=DIR+lora=FILE and name=RUN@K+lora=FILE: the adapter merged into the UNet, and its
+    file part of the model's settings (another LoRA is another model)."""
+    from spin_jax.eval import evaluate
+    from spin_jax.models import lora
+
+    specs = evaluate.parse_models(f"base={setup['sd']},tuned={setup['sd']}+lora={tmp_path},"
+                                  f"it1={setup['run']}@1+lora={tmp_path}")  # fmt: skip
+    assert [s.lora for s in specs] == ["", str(tmp_path), str(tmp_path)]
+    config = _config(setup, "")
+    sd, params = evaluate.load_model(specs[0], config)
+    adapter = lora.init(jax.random.key(1), params["unet"], 2)
+    adapter = jax.tree.map(lambda a: np.asarray(a) + 0.01, adapter)  # B != 0
+    lora.save_diffusers(str(tmp_path), adapter, 1.5)
+    _, tuned = evaluate.load_model(specs[1], config)
+    want = lora.merge(params["unet"], adapter, 1.5)
+    for a, b in zip(jax.tree.leaves(tuned["unet"]), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    _, it1 = evaluate.load_model(specs[2], config)
+    assert not np.allclose(jax.tree.leaves(it1["unet"])[0], jax.tree.leaves(tuned["unet"])[0])
+    settings = evaluate.model_settings(specs[1], config)
+    assert settings["lora"]["fingerprint"]
+    with pytest.raises(ValueError, match="names no file"):
+        evaluate.parse_models(f"x={setup['sd']}+lora=")

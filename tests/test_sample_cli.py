@@ -218,3 +218,56 @@ def test_cli_locked_folder(tmp_path):
         )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"pid {os.getpid()}" in result.stderr and "is in use by another run" in result.stderr
+
+
+def test_sdxl_turbo_preset_and_single_file_models(tmp_path):
+    """configs/sample.py:turbo / :dmd2 on a tiny SDXL folder (the folder's scheduler picks the
+    sampler for "auto"), and a single-file checkpoint with its components folder."""
+    pytest.importorskip("diffusers")
+    import json
+
+    import jax
+    from tiny_sd import make_tiny_sd, make_tiny_sdxl
+
+    from spin_jax.diffusion import generate
+    from spin_jax.models import load_pretrained
+    from spin_jax.models.single_file import write_single_file
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+    turbo = make_tiny_sdxl(str(tmp_path / "turbo"), "turbo")
+    for preset, want in (("turbo", None), ("dmd2", [999, 749, 499, 249])):
+        c = sample_config.get_config(preset)
+        c.model.path, c.prompts, c.out_dir = turbo, str(prompts), str(tmp_path / preset)
+        c.sample.height = c.sample.width = 16
+        c.sample.batch_size = 2
+        assert sample.run(c)["generated"] == 2
+        with open(tmp_path / preset / "settings.json") as f:
+            settings = json.load(f)
+        assert settings["sample"]["timesteps"] == (want or [])
+    sd = load_pretrained(turbo)
+    ids = sd.tokenize(["a red cat", "a blue dog"])
+    images = generate(sd, sd.params, ids, jax.random.key(0), num_steps=4, guidance_scale=0.0,
+                      height=16, width=16, sampler="euler_ancestral")  # fmt: skip
+    ours = np.round((np.clip(np.asarray(images), -1, 1) + 1) * 127.5).astype(np.uint8)
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "turbo" / "000001.png")), ours[1]
+    )
+
+    folder = make_tiny_sd(str(tmp_path / "sd1"), "sd1")
+    sd1 = load_pretrained(folder)
+    from spin_jax.models import convert
+
+    tensors = {n: convert.flax_to_torch(jax.device_get(sd1.params[n]))
+               for n in ("unet", "vae", "text_encoder")}  # fmt: skip
+    file = write_single_file(tensors, "sd1", str(tmp_path / "sd1.safetensors"))
+    c = make_config(file, prompts, tmp_path / "from_file")
+    c.model.components = folder
+    a = sample.run(c)
+    c2 = make_config(folder, prompts, tmp_path / "from_folder")
+    b = sample.run(c2)
+    assert a["generated"] == b["generated"] == 2
+    for i in range(2):
+        x = np.asarray(Image.open(tmp_path / "from_file" / f"{i:06d}.png"))
+        y = np.asarray(Image.open(tmp_path / "from_folder" / f"{i:06d}.png"))
+        np.testing.assert_array_equal(x, y)

@@ -716,7 +716,10 @@ def test_load_pretrained_reads_a_single_file_as_its_folder(tiny):
     from_folder = load_pretrained(folder)
     from_file = load_pretrained(path, components=folder)
     assert from_file.family is from_folder.family
-    a, b = jax.tree.leaves_with_path(from_file.params), jax.tree.leaves_with_path(from_folder.params)
+    a, b = (
+        jax.tree.leaves_with_path(from_file.params),
+        jax.tree.leaves_with_path(from_folder.params),
+    )
     assert [k for k, _ in a] == [k for k, _ in b]
     for (k, x), (_, y) in zip(a, b, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(k))

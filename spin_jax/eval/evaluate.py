@@ -11,6 +11,9 @@ the first (base) model. Models (``config.models``, comma-separated, the first is
                                      workdir's ``model.path``, or ``config.base_model``)
   name=images:/path/to/folder        images made elsewhere: one per prompt, in name order
                                      (numeric order when every name is a number)
+  name=/path/to/dir+lora=FILE        either model kind above with a LoRA file (diffusers,
+                                     peft or kohya format, or a folder holding
+                                     pytorch_lora_weights.safetensors) merged into its UNet
 
 A missing ``name=`` takes the folder's base name. Workdir layout:
 
@@ -67,6 +70,7 @@ class ModelSpec:
     kind: str  # "diffusers" | "run" | "images"
     path: str
     iteration: int = 0
+    lora: str = ""  # a LoRA file merged into the UNet
 
 
 def parse_models(spec: str) -> list[ModelSpec]:
@@ -80,8 +84,11 @@ def parse_models(spec: str) -> list[ModelSpec]:
         if not sep:
             name, target = "", entry
         name, target = name.strip(), target.strip()
+        target, _, lora_file = target.partition("+lora=")
         if not target:
             raise ValueError(f"config.models: entry {entry!r} names no model")
+        if _ and not lora_file:
+            raise ValueError(f"config.models: entry {entry!r}: '+lora=' names no file")
         if target.startswith("images:"):
             kind, path, iteration = "images", target[len("images:") :], 0
         elif m := re.fullmatch(r"(.+)@(\d+)", target):
@@ -96,7 +103,9 @@ def parse_models(spec: str) -> list[ModelSpec]:
                 f"config.models: model name {name!r} must be letters, digits, "
                 "'.', '_', '+' or '-' (it names a folder)"
             )
-        out.append(ModelSpec(name, kind, path, iteration))
+        if lora_file and kind == "images":
+            raise ValueError(f"config.models: entry {entry!r}: images take no LoRA")
+        out.append(ModelSpec(name, kind, path, iteration, lora_file))
     names = [m.name for m in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -230,6 +239,11 @@ def load_model(spec: ModelSpec, config: Any, cache: dict | None = None) -> tuple
 
         unet = load_iteration_params(spec.path, spec.iteration, like=params["unet"])
         params = {**params, "unet": unet}
+    if spec.lora:
+        from spin_jax.models import lora
+
+        adapter, scale = lora.from_file(spec.lora, params["unet"])
+        params = {**params, "unet": lora.merge_jit(params["unet"], adapter, scale)}
     return sd, params
 
 
@@ -388,6 +402,10 @@ def remove_outputs(workdir: str) -> int:
 def model_settings(spec: ModelSpec, config: Any) -> dict:
     """What the images of a generated model depend on: its files, named by a fingerprint."""
     out: dict[str, Any] = {"kind": spec.kind, "path": os.path.abspath(spec.path)}
+    if spec.lora:
+        out["lora"] = {"path": os.path.abspath(spec.lora)}
+        if os.path.exists(spec.lora):
+            out["lora"]["fingerprint"] = runlock.folder_fingerprint(spec.lora)
     if spec.kind == "diffusers":
         if os.path.isdir(spec.path):
             out["fingerprint"] = runlock.folder_fingerprint(spec.path)
