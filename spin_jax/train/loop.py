@@ -341,6 +341,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any,
                 barrier=barrier, stop=local, agree=stop,
             )  # fmt: skip
             scores = ro.scores.read(ro.kept).astype(np.float64)
+            epochs = steps * c.train.batch_size / ro.num_transitions
+            say(f"round {k}: {len(ro.kept)} of {c.pso.pairs_per_round} pairs kept (ties dropped), "
+                f"{ro.num_transitions} transitions: {steps} steps x {c.train.batch_size} = "
+                f"{epochs:.2f} epochs")  # fmt: skip
             writer.write((k - 1) * steps, {"rollout/pairs_kept": len(ro.kept),
                                            "rollout/score_target": float(scores[:, 0].mean()),
                                            "rollout/score_reference": float(scores[:, 1].mean())})  # fmt: skip
