@@ -157,6 +157,40 @@ def test_spin_two_iterations_and_export(model_dir, folder, tmp_path, monkeypatch
     )
     base = load_pretrained(model_dir).params["unet"]["conv_in"]["kernel"]
     assert not np.allclose(np.asarray(base), np.asarray(ours["conv_in"]["kernel"]))
+    _export_refusals(workdir, model_dir, out, tmp_path)
+
+
+def _export_refusals(workdir, model_dir, out, tmp_path):
+    """export.py: --iteration must exist, --out must be empty (or --overwrite) and never the
+    run's model or workdir; a damaged checkpoint is named in one error."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "export_cli", os.path.join(ROOT, "launch", "export.py")
+    )
+    export_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export_cli)
+    for it in (-1, 3):
+        with pytest.raises(ValueError, match=f"--iteration={it}"):
+            export_cli.export(workdir, it, str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="not empty.*--overwrite"):
+        export_cli.export(workdir, 2, out)
+    with pytest.raises(ValueError, match="base model"):
+        export_cli.export(workdir, 2, model_dir, overwrite=True)
+    with pytest.raises(ValueError, match="workdir"):
+        export_cli.export(workdir, 2, os.path.join(workdir, "exported"), overwrite=True)
+    assert export_cli.export(workdir, 2, out, overwrite=True) == out
+    # Truncate one array file of iteration 1's last checkpoint: the error names the checkpoint.
+    step_dir = os.path.join(
+        checkpoints.checkpoint_dir(workdir, 1), str(max(checkpoints.steps(workdir, 1)))
+    )
+    files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs
+             if os.path.getsize(os.path.join(d, f)) > 1000]  # fmt: skip
+    for f in files:
+        with open(f, "r+b") as fh:
+            fh.truncate(100)
+    with pytest.raises(ValueError, match=f"checkpoint {step_dir} is unreadable"):
+        export_cli.export(workdir, 1, str(tmp_path / "broken"))
 
 
 @pytest.mark.parametrize("objective", ["sft", "dpo", "kto"])

@@ -28,6 +28,10 @@ class CheckpointWriteError(OSError):
     pass
 
 
+class CheckpointReadError(ValueError):
+    """A finished checkpoint that does not read back (damaged or truncated files)."""
+
+
 def round_dir(workdir: str, round_: int) -> str:
     return os.path.join(workdir, f"iteration_{round_}")
 
@@ -205,7 +209,14 @@ def _load_params(workdir: str, iteration: int, like: Any, step: int | None) -> A
                 "keep more with checkpoint.max_to_keep"
             )
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        restored = mgr.restore(
-            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
-        )
+        try:
+            restored = mgr.restore(
+                step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
+            )
+        except Exception as e:  # orbax/tensorstore raise many types for a damaged file
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise CheckpointReadError(
+                f"checkpoint {os.path.join(path, str(step))} is unreadable "
+                f"({type(e).__name__}: {first})"
+            ) from None
     return jax.device_get(restored["params"])
