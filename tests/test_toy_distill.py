@@ -186,3 +186,26 @@ def test_reward_fn_ranks_faithful_and_clean_images_first():
                                atol=1e-9)  # fmt: skip
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         judge.reward_fn(clean, captions[:1])
+
+
+def test_build_fewstep_tiny_writes_an_lcm_folder(tiny, tmp_path):
+    from spin_jax.models import save_pretrained
+
+    sd, _ = tiny
+    base = save_pretrained(sd, str(tmp_path / "base"))
+    out = str(tmp_path / "fewstep")
+    distill.main(["--out", out, "--base", base, "--num-images", "8", "--steps", "2",
+                  "--batch-size", "4", "--no-eval"])  # fmt: skip
+    with open(os.path.join(out, "build_report.json")) as f:
+        report = json.load(f)
+    assert report["settings"]["steps"] == 2 and [h["step"] for h in report["history"]] == [2]
+    assert set(report["seconds"]) == {"dataset", "distill", "total"}
+    student = load_pretrained(out)
+    assert samplers.default_sampler(student.schedule) == "lcm"
+    assert student.schedule.original_inference_steps == 20
+    moved = jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()),
+                         student.params["unet"], sd.params["unet"])  # fmt: skip
+    assert max(jax.tree.leaves(moved)) > 0
+    assert filecmp.cmp(os.path.join(base, "vae", "diffusion_pytorch_model.safetensors"),
+                       os.path.join(out, "vae", "diffusion_pytorch_model.safetensors"),
+                       shallow=False)  # fmt: skip

@@ -42,6 +42,13 @@ encoder and tokenizer folders copied byte for byte from the base) and ``build_re
 the settings, the stage times, the loss history, and the judge's table (``demo.toy_eval``: the
 60 one-object captions, 2 images each, the same noise for every row) of the student at 1, 2 and
 4 LCM steps (guidance 0) and of the base with DDIM at 20 (and at 4) steps with CFG w.
+
+Measured (the shipped ``assets/toy_fewstep``, 600 steps of batch 16, 8.8 MB): judge fidelity
+0.31 / 0.66 / 0.73 at 1 / 2 / 4 LCM steps, against 0.66 for the base at 20 DDIM steps with
+CFG 2 (and 0.33 at 4 DDIM steps); color / shape / position at 4 steps 0.88 / 0.88 / 0.98. The
+build took 21 minutes on the shared 2-core machine at a load average of about 10 (compiling
+the train step 5 min, 600 steps 11 min, the judge's table 4 min); on an idle machine the
+steps take a fraction of that.
 """
 
 from __future__ import annotations
@@ -264,7 +271,7 @@ def make_train_step(
         student = optax.apply_updates(state["student"], updates)
         target = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
                               state["target"], student)  # fmt: skip
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
         new = {"student": student, "target": target, "opt_state": opt_state,
                "step": state["step"] + 1}  # fmt: skip
         return new, metrics
