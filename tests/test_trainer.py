@@ -433,7 +433,11 @@ def test_sigterm_and_sigint_write_a_checkpoint_and_resume(model_dir, folder, tmp
         )
         assert "Traceback" not in err
         last = step
+        seconds = checkpoints.read_meta(run, 1, step)["seconds"]["train"]
     subprocess.run(cmd(run), cwd=ROOT, env=env, check=True, capture_output=True)
     assert [r["step"] for r in _read_jsonl(metrics) if "train/loss" in r] == list(range(1, 13))
+    # The round's time counts every attempt (up to each one's checkpoint), not only the last.
+    with open(os.path.join(run, "iteration_1", "summary.json")) as f:
+        assert json.load(f)["train_seconds"] > seconds > 0
     for x, y in zip(_unet_leaves(full, 1, model_dir), _unet_leaves(run, 1, model_dir), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

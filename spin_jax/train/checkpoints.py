@@ -129,6 +129,16 @@ def save(mgr: ocp.CheckpointManager, step: int, state: TrainState, meta: dict) -
         ) from e
 
 
+def read_meta(workdir: str, round_: int, step: int) -> dict:
+    """The JSON ``meta`` saved with checkpoint (round_, step) ({} when it has none)."""
+    with ocp.CheckpointManager(checkpoint_dir(workdir, round_)) as mgr:
+        try:
+            restored = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except (KeyError, ValueError, FileNotFoundError):
+            return {}
+    return dict(restored["meta"] or {})
+
+
 def restore_state(workdir: str, round_: int, step: int, like: TrainState) -> TrainState:
     """The whole train state saved at (round_, step), in ``like``'s layout."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
