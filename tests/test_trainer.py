@@ -157,6 +157,40 @@ def test_spin_two_iterations_and_export(model_dir, folder, tmp_path, monkeypatch
     )
     base = load_pretrained(model_dir).params["unet"]["conv_in"]["kernel"]
     assert not np.allclose(np.asarray(base), np.asarray(ours["conv_in"]["kernel"]))
+    _export_refusals(workdir, model_dir, out, tmp_path)
+
+
+def _export_refusals(workdir, model_dir, out, tmp_path):
+    """export.py: --iteration must exist, --out must be empty (or --overwrite) and never the
+    run's model or workdir; a damaged checkpoint is named in one error."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "export_cli", os.path.join(ROOT, "launch", "export.py")
+    )
+    export_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export_cli)
+    for it in (-1, 3):
+        with pytest.raises(ValueError, match=f"--iteration={it}"):
+            export_cli.export(workdir, it, str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="not empty.*--overwrite"):
+        export_cli.export(workdir, 2, out)
+    with pytest.raises(ValueError, match="base model"):
+        export_cli.export(workdir, 2, model_dir, overwrite=True)
+    with pytest.raises(ValueError, match="workdir"):
+        export_cli.export(workdir, 2, os.path.join(workdir, "exported"), overwrite=True)
+    assert export_cli.export(workdir, 2, out, overwrite=True) == out
+    # Truncate one array file of iteration 1's last checkpoint: the error names the checkpoint.
+    step_dir = os.path.join(
+        checkpoints.checkpoint_dir(workdir, 1), str(max(checkpoints.steps(workdir, 1)))
+    )
+    files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs
+             if os.path.getsize(os.path.join(d, f)) > 1000]  # fmt: skip
+    for f in files:
+        with open(f, "r+b") as fh:
+            fh.truncate(100)
+    with pytest.raises(ValueError, match=f"checkpoint {step_dir} is unreadable"):
+        export_cli.export(workdir, 1, str(tmp_path / "broken"))
 
 
 @pytest.mark.parametrize("objective", ["sft", "dpo", "kto"])
@@ -399,7 +433,11 @@ def test_sigterm_and_sigint_write_a_checkpoint_and_resume(model_dir, folder, tmp
         )
         assert "Traceback" not in err
         last = step
+        seconds = checkpoints.read_meta(run, 1, step)["seconds"]["train"]
     subprocess.run(cmd(run), cwd=ROOT, env=env, check=True, capture_output=True)
     assert [r["step"] for r in _read_jsonl(metrics) if "train/loss" in r] == list(range(1, 13))
+    # The round's time counts every attempt (up to each one's checkpoint), not only the last.
+    with open(os.path.join(run, "iteration_1", "summary.json")) as f:
+        assert json.load(f)["train_seconds"] > seconds > 0
     for x, y in zip(_unet_leaves(full, 1, model_dir), _unet_leaves(run, 1, model_dir), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

@@ -198,3 +198,38 @@ def judge(images: Any, prompts: list[str] | list[list[dict[str, str]]]) -> dict[
         "correct": np.asarray(correct, bool),
         "detections": detections,
     }
+
+
+# Weight of the feature distance in ``reward_fn``. Measured per-image distances d (32 px): noisy
+# images to the clean renders of their true captions 5.3 on average (10-90%: 4.1-6.3), a clean
+# render blurred by 1 px 0.42, a clean render 0. With 0.2 the noisy look costs about 1, and the
+# +1 for a faithful image outweighs the spread (about 0.4) among noisy-looking images.
+REWARD_DISTANCE_WEIGHT = 0.2
+
+
+def reward_fn(
+    images: Any,
+    prompts: list[str] | list[list[dict[str, str]]],
+    distance_weight: float = REWARD_DISTANCE_WEIGHT,
+) -> np.ndarray:
+    """Per-image reward for preference training (PSO's reward model in the toy world), [N] float.
+
+    ``reward_i = correct_i - distance_weight * d_i``: ``correct_i`` is 1 when ``judge`` finds
+    image i faithful to prompt i (exactly its objects, each with the right color, shape and
+    position), else 0; ``d_i`` is the squared Euclidean distance between the image's
+    ``distance.features`` vector and that of the clean render of the prompt (canonical size,
+    place and color, plain background), i.e. a per-image "distance to clean data" on the
+    features of the toy Frechet distance. The first term ranks right over wrong, the second
+    ranks images of the same verdict by how clean they look. Deterministic, no learned
+    weights; images uint8 or [-1, 1] floats (NHWC), side a multiple of 8.
+    """
+    from spin_jax.toy import distance  # distance imports this module
+
+    x = to_unit_rgb(images)
+    if len(prompts) != x.shape[0]:
+        raise ValueError(f"reward_fn: got {x.shape[0]} images but {len(prompts)} prompts")
+    wants = [shapes.parse_caption(p) if isinstance(p, str) else p for p in prompts]
+    correct = judge(images, wants)["correct"].astype(np.float64)
+    clean = np.stack([shapes.render(w, x.shape[1], "clean") for w in wants])
+    d = ((distance.features(images) - distance.features(clean)) ** 2).sum(-1)
+    return correct - float(distance_weight) * d

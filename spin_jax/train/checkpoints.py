@@ -28,6 +28,10 @@ class CheckpointWriteError(OSError):
     pass
 
 
+class CheckpointReadError(ValueError):
+    """A finished checkpoint that does not read back (damaged or truncated files)."""
+
+
 def round_dir(workdir: str, round_: int) -> str:
     return os.path.join(workdir, f"iteration_{round_}")
 
@@ -125,6 +129,16 @@ def save(mgr: ocp.CheckpointManager, step: int, state: TrainState, meta: dict) -
         ) from e
 
 
+def read_meta(workdir: str, round_: int, step: int) -> dict:
+    """The JSON ``meta`` saved with checkpoint (round_, step) ({} when it has none)."""
+    with ocp.CheckpointManager(checkpoint_dir(workdir, round_)) as mgr:
+        try:
+            restored = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except (KeyError, ValueError, FileNotFoundError):
+            return {}
+    return dict(restored["meta"] or {})
+
+
 def restore_state(workdir: str, round_: int, step: int, like: TrainState) -> TrainState:
     """The whole train state saved at (round_, step), in ``like``'s layout."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
@@ -205,7 +219,14 @@ def _load_params(workdir: str, iteration: int, like: Any, step: int | None) -> A
                 "keep more with checkpoint.max_to_keep"
             )
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        restored = mgr.restore(
-            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
-        )
+        try:
+            restored = mgr.restore(
+                step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
+            )
+        except Exception as e:  # orbax/tensorstore raise many types for a damaged file
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise CheckpointReadError(
+                f"checkpoint {os.path.join(path, str(step))} is unreadable "
+                f"({type(e).__name__}: {first})"
+            ) from None
     return jax.device_get(restored["params"])

@@ -311,12 +311,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any,
         step_jit = functools.partial(step_jit, base=_place_base(base, mesh))
     text = parallel.replicate(sd.text_params(sd.params), mesh)
 
-    first_round, first_step = 1, 0
+    first_round, first_step, prior = 1, 0, {}
     state, found = checkpoints.restore_latest(workdir, n_rounds, state, say)
     if found is not None:
         r, s = found
         done = s == steps and os.path.isfile(_summary_path(workdir, r))
         first_round, first_step = (r + 1, 0) if done else (r, s)
+        if not done:  # the round's times so far, from the attempts before (summary.json)
+            prior = checkpoints.read_meta(workdir, r, s).get("seconds", {})
         writer.resume_at((r - 1) * steps + s)
         say(f"resuming at round {first_round} step {first_step} (checkpoint: round {r} step {s})")
     summaries = []
@@ -359,14 +361,16 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any,
             if ro.images:
                 writer.write((k - 1) * steps, {"rollout/images_per_s": ro.images / max(ro.seconds, 1e-9),
                                                "rollout/images": ro.images})  # fmt: skip
-        t_rollout = time.time() - t0
+        # An interrupted round's times add up over its attempts (up to its last checkpoint).
+        before = prior if k == first_round else {}
+        t_rollout = time.time() - t0 + float(before.get("rollout", 0.0))
         if ref_round is not None and ref_round not in placed_ref:
             placed_ref = {ref_round: parallel.replicate(refs.get(ref_round), mesh)}
         ref = placed_ref.get(ref_round)
         beta = config_lib.beta_for_iteration(c, k - 1)
         state, last, means, t_train = _train_round(c, workdir, objective, data, sd, mesh, writer, step_jit,
                                             state, ref, text, ro, k, start, beta, ref_round,
-                                            stop)  # fmt: skip
+                                            stop, (t_rollout, float(before.get("train", 0.0))))  # fmt: skip
         summary = _finish_round(c, objective, sd, workdir, state, k, ref_round, beta, last,
                                 means, t_rollout, t_train, refs)  # fmt: skip
         summaries.append(summary)
@@ -385,7 +389,10 @@ def _ref_name(ref_round: int | None) -> str:
 
 
 def _train_round(c, workdir, objective, data, sd, mesh, writer, step_jit, state, ref, text, ro,
-                 k, start, beta, ref_round, stop=None):  # fmt: skip
+                 k, start, beta, ref_round, stop=None, seconds=(0.0, 0.0)):  # fmt: skip
+    """``seconds``: (the round's rollout time, its train time in earlier attempts); both are
+    kept in the checkpoints' meta so a resumed round's summary counts every attempt."""
+    t_rollout, t_before = seconds
     steps = int(c.train.steps)
     n_rounds = int(c.iterations)
     end_saved = k % max(1, int(c.checkpoint.every_rounds)) == 0 or k == n_rounds
@@ -442,7 +449,8 @@ def _train_round(c, workdir, objective, data, sd, mesh, writer, step_jit, state,
         ):
             meta = {"iteration": k, "step": done, "global_step": offset + done, "beta": beta,
                     "objective": objective.name, "reference": _ref_name(ref_round),
-                    "metrics": last}  # fmt: skip
+                    "metrics": last, "seconds": {"rollout": t_rollout,
+                                                 "train": t_before + time.time() - t0}}  # fmt: skip
             checkpoints.save(mgr, done, state, meta)
         if halt:
             mgr.wait_until_finished()
@@ -457,7 +465,7 @@ def _train_round(c, workdir, objective, data, sd, mesh, writer, step_jit, state,
                  for m in (logged[-1] if logged else {})}  # fmt: skip
     else:
         means = _round_means(writer.path, offset + 1, offset + steps) if writer.enabled else {}
-    return state, last, means, time.time() - t0
+    return state, last, means, t_before + time.time() - t0
 
 
 def _finish_round(c, objective, sd, workdir, state, k, ref_round, beta, last, means,
