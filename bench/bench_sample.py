@@ -200,7 +200,8 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
 
 
 def flops(fn, *args) -> float:
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    """FLOPs of ``fn(*args)`` from the lowered (not compiled) function's cost analysis."""
+    cost = jax.jit(fn).lower(*args).cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     return float(cost.get("flops", float("nan")))
 
