@@ -48,10 +48,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from spin_jax.diffusion import generate, schedule_from_config  # noqa: E402
 from spin_jax.diffusion.generate import default_mesh, place_params  # noqa: E402
-from spin_jax.models import (
-    load_pretrained,  # noqa: E402
-    presets,  # noqa: E402
-)
+from spin_jax.models import load_pretrained, presets  # noqa: E402
 from spin_jax.models.clip import text_encoder_from_config, text_encoder_param_shapes  # noqa: E402
 from spin_jax.models.pipeline import StableDiffusion  # noqa: E402
 from spin_jax.models.tiny import EOS, write_clip_tokenizer  # noqa: E402
