@@ -48,8 +48,8 @@ if [ "${1:-}" = "--tiny" ]; then
     tiny=1
     shift
 fi
-out=${1:-bench/gpu_results.jsonl}
 root=$(cd "$(dirname "$0")/.." && pwd)
+out=${1:-$root/bench/gpu_results.jsonl}
 mkdir -p "$(dirname "$out")"
 out=$(cd "$(dirname "$out")" && pwd)/$(basename "$out")
 log=$out.log
