@@ -19,8 +19,8 @@
 # goes to OUT.log. Each sub-run runs under `timeout` (limits below; a sub-run cut short keeps
 # the lines it printed). A summary table is printed at the end. Exit status 0 when every
 # sub-run exited 0. --tiny: the same suite at tiny sizes on the CPU (what tests/test_bench.py
-# runs; 580 s on the 2-core development VM under a load average of 10, mostly process start-up
-# and compilation); its numbers say the scripts work, nothing about speed.
+# runs; on the 2-core development VM under a load average of about 10: 580 s with a cold XLA
+# cache, 234 s with the tests' cache warm); its numbers say the scripts work, nothing about speed.
 #
 # This script installs nothing. On the device tool's nvidia-h200 machine, jax, flax, optax,
 # torch and transformers are there, diffusers and ml_collections are not: carry them as
