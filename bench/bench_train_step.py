@@ -81,8 +81,8 @@ def make_data(batch: int, latent: int, ctx_dim: int, seed: int = 0) -> dict[str,
     rng = np.random.default_rng(seed)
     shape = (batch, latent, latent, 4)
     return {
-        "x0_real": rng.standard_normal(shape, dtype=np.float32),
-        "x0_syn": rng.standard_normal(shape, dtype=np.float32),
+        "x0_w": rng.standard_normal(shape, dtype=np.float32),
+        "x0_l": rng.standard_normal(shape, dtype=np.float32),
         "context": rng.standard_normal((batch, CONTEXT_LEN, ctx_dim), dtype=np.float32),
     }
 
@@ -178,8 +178,8 @@ def bench_torch(args, config, data, schedule_config, tflop_pair, peak):
     ab = torch.as_tensor(np.array(schedule_from_config(schedule_config).alphas_cumprod))
     ab = ab.to(device)
     # NHWC -> NCHW once, outside the timed loop.
-    real = torch.as_tensor(data["x0_real"]).permute(0, 3, 1, 2).contiguous().to(device)
-    syn = torch.as_tensor(data["x0_syn"]).permute(0, 3, 1, 2).contiguous().to(device)
+    real = torch.as_tensor(data["x0_w"]).permute(0, 3, 1, 2).contiguous().to(device)
+    syn = torch.as_tensor(data["x0_l"]).permute(0, 3, 1, 2).contiguous().to(device)
     ctx = torch.as_tensor(data["context"]).to(device)
     b = real.shape[0]
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
