@@ -19,6 +19,9 @@ trajectories each from the current model's sampler, labelled by PickScore
 spin_jax.eval.scorers via ``pso.reward``), one epoch over the round's stochastic transitions with
 ``losses.pso_online`` (clip 0.1, beta 5 as the paper; the released scripts use 50), batch 32,
 lr 1e-5, 20k steps in all.
+
+Demo (``configs/pso.py:demo``): online PSO in the toy world on a CPU, on the 4-step toy model
+(assets/toy_fewstep) with LoRA, the toy judge as the reward model; ends with the judge's table.
 """
 
 import ml_collections
@@ -52,6 +55,8 @@ def get_config(arg: str | None = None):
     c.sample.batch_size = 64  # online: the pairs are labelled in batches of 32 prompts x 2
     if arg == "online":
         return online(c)
+    if arg == "demo":  # online PSO in the toy world (spin_jax.toy.demo)
+        return with_preset(online(c), arg, __file__)
     return with_preset(c, arg, __file__)
 
 

@@ -63,6 +63,10 @@ def _reward_fn(config):
     from spin_jax.eval import scorers
     from spin_jax.train import pso
 
+    if config.pso.reward == "toy_judge":  # the demo's reward: the toy world's analytic judge
+        from spin_jax.toy.judge import reward_fn
+
+        return reward_fn
     name, cfg = config.pso.reward, pso.scorer_config(config)
     reason = scorers.check_scorer(name, cfg)
     if reason:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import glob
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,8 @@ from spin_jax.files import LruCache
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 LARGE_ROW_GROUP = 256
+
+_PARQUET_READ = threading.Lock()
 
 
 def find_parquet_files(path: str, split: str | None) -> list[str]:
@@ -170,7 +173,10 @@ class PickapicSource(Source):
     def _read_column(self, key: tuple[int, int, str]) -> pa.Array:
         fid, group, column = key
         handle = self._handles.get(fid, lambda f: pq.ParquetFile(self._files[f]))
-        return handle.read_row_group(group, columns=[column]).column(0).combine_chunks()
+        # A ParquetFile is not safe to read from several threads at once (the latent cache's
+        # loader threads crashed in read_row_group); image decoding stays parallel.
+        with _PARQUET_READ:
+            return handle.read_row_group(group, columns=[column]).column(0).combine_chunks()
 
     def _read_image(self, j: int, column: str) -> tuple[bytes | None, str | None]:
         fid, row = int(self._file_id[j]), int(self._row[j])

@@ -54,6 +54,23 @@ def shipped_base_path() -> str:
     return str(Path(__file__).resolve().parents[2] / "assets" / "toy_base")
 
 
+def ensure_fewstep() -> str:
+    """The 4-step toy model (``assets/toy_fewstep``, distilled from the toy base by
+    ``python -m spin_jax.toy.distill``), else one distilled once into the cache."""
+    shipped = str(Path(__file__).resolve().parents[2] / "assets" / "toy_fewstep")
+    if _is_model_dir(shipped):
+        return shipped
+    cached = os.path.join(cache_root(), "toy_fewstep")
+    if not _is_model_dir(cached):
+        from spin_jax.toy import distill
+
+        print(f"toy demo: {shipped} is missing; distilling it into {cached} (once; about 20 "
+              "minutes on two CPU cores)", flush=True)  # fmt: skip
+        distill.build_fewstep(cached + ".tmp", base_dir=ensure_base())
+        _publish(cached + ".tmp", cached)
+    return cached
+
+
 def _is_model_dir(path: str) -> bool:
     return all(
         os.path.exists(os.path.join(path, p))
@@ -219,6 +236,9 @@ def demo_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.sample.batch_size = 96
     c.sample.pixel_roundtrip = False
 
+    if row.rollout == "online_pairs":
+        _online_pso_demo(c)
+
     c.checkpoint.every_steps = c.train.steps
     c.checkpoint.max_to_keep = 1
     c.log.every_steps = 10
@@ -232,6 +252,31 @@ def demo_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.toy_eval.images_per_prompt = 2
     c.toy_eval.seed = 4321
     return c
+
+
+def _online_pso_demo(c: ml_collections.ConfigDict) -> None:
+    """Online PSO in the toy world: the 4-step toy student (LCM sampler, no guidance), LoRA,
+    and the toy judge as the reward model (``judge.reward_fn``: right attributes, then the
+    distance of the image to the clean render of its caption)."""
+    c.model.path = ensure_fewstep()
+    c.model.lora.rank = 8
+    c.model.lora.alpha = 8.0
+    c.pso.reward = "toy_judge"
+    c.pso.pairs_per_round = 48
+    c.pso.num_steps = 4
+    c.sample.sampler = "auto"  # the folder's LCMScheduler
+    c.sample.num_steps = 4
+    c.sample.guidance_scale = 0.0
+    c.sample.batch_size = 96
+    c.iterations = 6
+    c.train.batch_size = 16
+    c.train.steps = 48 * 3 // 16  # one epoch over a round's stochastic transitions
+    c.train.learning_rate = 1e-4
+    c.train.beta = 5.0
+    c.train.betas = ()
+    c.train.warmup_steps = 0
+    c.checkpoint.every_rounds = 1  # the judge's table reads every round's end
+    c.log.every_steps = 3
 
 
 PRESETS = {"demo": demo_config}
@@ -284,7 +329,8 @@ def sample_images(
         chunk = all_prompts[start : start + batch_size]
         images = generate(sd, params, sd.tokenize(chunk), key, num_steps=num_steps,
                           guidance_scale=guidance_scale, height=resolution, width=resolution, decode=True,
-                          sampler=sampler, example_ids=np.arange(start, start + len(chunk)))  # fmt: skip
+                          sampler=None if sampler == "auto" else sampler,
+                          example_ids=np.arange(start, start + len(chunk)))  # fmt: skip
         out.append(np.asarray(images, np.float32))
     return np.concatenate(out), all_prompts
 

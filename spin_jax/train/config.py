@@ -12,6 +12,8 @@ from spin_jax.train import objectives
 
 SOURCES = ("imagefolder", "pickapic", "tfds")
 DTYPES = ("auto", "float32", "bfloat16")
+# Reward models of online PSO besides spin_jax.eval's scorers (built by launch/train.py).
+EXTRA_REWARDS = ("toy_judge",)
 SDXL_TIME_IDS = ("fixed", "true")
 
 
@@ -242,8 +244,8 @@ def _validate_pso(c: ml_collections.ConfigDict, fail) -> None:
     if c.objective == "pso_online":
         if int(p.pairs_per_round) < 1:
             fail("pso.pairs_per_round", "must be >= 1")
-        if p.reward not in p.scorers:
-            fail("pso.reward", f"must be one of {sorted(p.scorers)}")
+        if p.reward not in p.scorers and p.reward not in EXTRA_REWARDS:
+            fail("pso.reward", f"must be one of {sorted(p.scorers) + list(EXTRA_REWARDS)}")
 
 
 def validate_lora(c: ml_collections.ConfigDict) -> None:
