@@ -271,8 +271,11 @@ def _online_pso_demo(c: ml_collections.ConfigDict) -> None:
     c.iterations = 6
     c.train.batch_size = 16
     c.train.steps = 48 * 3 // 16  # one epoch over a round's stochastic transitions
-    c.train.learning_rate = 1e-4
-    c.train.beta = 5.0
+    # Log-probabilities are means over latent elements, so per-transition log-ratios are
+    # ~1e-4 here: beta 5 (the paper's, for SDXL) left the loss at log 2 for 6 rounds (lr 1e-4);
+    # 1000 with lr 1e-3 trains (loss 0.62 by round 6); 2000 with lr 2e-3 overshot (loss 1.04).
+    c.train.learning_rate = 1e-3
+    c.train.beta = 1000.0
     c.train.betas = ()
     c.train.warmup_steps = 0
     c.checkpoint.every_rounds = 1  # the judge's table reads every round's end
