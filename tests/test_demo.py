@@ -117,3 +117,33 @@ def test_unknown_preset_is_named(demo_env):
         ValueError, match=r"configs/seppo.py: unknown preset 'dmeo' \(known: demo\)"
     ):
         _get_config("seppo", "dmeo")
+
+
+def test_pso_demo_preset_runs_end_to_end_at_reduced_size(demo_env):
+    """configs/pso.py:demo: online PSO on the 4-step toy model, LoRA, the toy judge as reward;
+    the launcher's reward model and the judge's table at the end."""
+    import subprocess
+    import sys
+
+    from spin_jax.train.config import validate
+
+    c = _get_config("pso")
+    validate(c)
+    assert c.objective == "pso_online" and c.pso.reward == "toy_judge"
+    assert c.model.path.endswith("toy_fewstep") and c.model.lora.rank > 0
+    assert c.sample.sampler == "auto" and c.sample.num_steps == 4 and c.checkpoint.every_rounds == 1
+    workdir = str(demo_env / "pso")
+    cmd = [sys.executable, "launch/train.py", "--config=configs/pso.py:demo", f"--workdir={workdir}",
+           "--config.iterations=1", "--config.pso.pairs_per_round=8", "--config.train.batch_size=8",
+           "--config.train.steps=3", "--config.sample.batch_size=16", "--config.log.grid_prompts=()",
+           "--config.toy_eval.images_per_prompt=1"]  # fmt: skip
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2"
+    )
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(os.path.join(workdir, "toy_eval.json")) as f:
+        results = json.load(f)
+    assert list(results) == ["base", "pso_online"]
+    assert all(0.0 <= r["fidelity"] <= 1.0 for r in results.values())
+    assert os.path.isfile(os.path.join(workdir, "lora.json"))
