@@ -56,9 +56,13 @@ ARMS = {
     "seppo_base": ("seppo", {"seppo.reference": "base"}, "SePPO (reference: base)"),
     "seppo_latest": ("seppo", {"seppo.reference": "latest"}, "SePPO (reference: latest)"),
     "spin_sft": ("spin", {"loss.sft_weight": 1.0}, "SPIN-Diffusion + SFT term"),
+    # PSO arms start from the 4-step toy model (configs/pso.py's demo presets): run them
+    # without the other arms (the base row is then the 4-step model).
+    "pso": ("pso:demo_offline", {}, "PSO (offline, judge-labelled pairs)"),
+    "pso_online": ("pso:demo", {}, "PSO (online, toy judge reward)"),
 }
 OBJECTIVES = ("spin", "sft", "dpo", "kto")  # the default arms
-ROUNDS = ("spin", "seppo", "seppo_base", "seppo_latest", "spin_sft")  # read at each round end
+ROUNDS = ("spin", "seppo", "seppo_base", "seppo_latest", "spin_sft", "pso_online")  # per round
 METRICS = ("fidelity", "color", "shape", "position", "count", "distance")
 GAP = "pref_err_gap"
 LABELS = {arm: label for arm, (_, _, label) in ARMS.items()}
@@ -93,7 +97,8 @@ def arm_config(
     """The demo config of ``objective`` with the benchmark's seed, step budget and overrides
     (``{"train.beta": 2000}``: every arm, before the step budget is applied)."""
     file, arm_overrides, _ = ARMS[objective]
-    c = load_config(file)
+    file, _, preset = file.partition(":")
+    c = load_config(file, preset or "demo")
     for key, value in {**arm_overrides, **(overrides or {})}.items():
         node, *parents = c, *key.split(".")[:-1]
         for part in parents:
@@ -267,7 +272,7 @@ def run_seed(args: argparse.Namespace, seed: int, sd: Any) -> dict[str, dict[str
     results = _read_json(eval_path)
     timings = _read_json(os.path.join(seed_dir, "timings.json"))
     prompts = demo.eval_prompts()[: args.eval_prompts]
-    c0 = arm_config("spin", seed, args.steps, args.iterations, args.overrides)
+    c0 = arm_config(args.objectives[0], seed, args.steps, args.iterations, args.overrides)
     eval_kwargs = dict(
         num_steps=int(c0.sample.num_steps),
         guidance_scale=float(c0.sample.guidance_scale),
@@ -338,10 +343,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     from spin_jax.files import write_json
     from spin_jax.models import load_pretrained
-    from spin_jax.toy import demo
 
     os.makedirs(args.out, exist_ok=True)
-    args.model_path = demo.ensure_base()
+    # Every arm starts from the first arm's model (the toy base; the 4-step model for PSO).
+    args.model_path = arm_config(args.objectives[0], 0, args.steps, args.iterations).model.path
     sd = load_pretrained(args.model_path)
     t0 = time.time()
     per_seed = {seed: run_seed(args, seed, sd) for seed in args.seeds}

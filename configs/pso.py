@@ -22,6 +22,7 @@ lr 1e-5, 20k steps in all.
 
 Demo (``configs/pso.py:demo``): online PSO in the toy world on a CPU, on the 4-step toy model
 (assets/toy_fewstep) with LoRA, the toy judge as the reward model; ends with the judge's table.
+``configs/pso.py:demo_offline``: offline PSO on the toy world's judge-labelled pairs.
 """
 
 import ml_collections
@@ -57,6 +58,8 @@ def get_config(arg: str | None = None):
         return online(c)
     if arg == "demo":  # online PSO in the toy world (spin_jax.toy.demo)
         return with_preset(online(c), arg, __file__)
+    if arg == "demo_offline":  # offline PSO on the toy world's judge-labelled pairs
+        return with_preset(c, "demo", __file__)
     return with_preset(c, arg, __file__)
 
 

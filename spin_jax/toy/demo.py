@@ -236,8 +236,8 @@ def demo_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.sample.batch_size = 96
     c.sample.pixel_roundtrip = False
 
-    if row.rollout == "online_pairs":
-        _online_pso_demo(c)
+    if row.timesteps == "distilled" or row.rollout == "online_pairs":  # PSO: few-step models
+        _fewstep_demo(c, online=row.rollout == "online_pairs")
 
     c.checkpoint.every_steps = c.train.steps
     c.checkpoint.max_to_keep = 1
@@ -254,20 +254,27 @@ def demo_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
-def _online_pso_demo(c: ml_collections.ConfigDict) -> None:
-    """Online PSO in the toy world: the 4-step toy student (LCM sampler, no guidance), LoRA,
-    and the toy judge as the reward model (``judge.reward_fn``: right attributes, then the
-    distance of the image to the clean render of its caption)."""
+def _fewstep_demo(c: ml_collections.ConfigDict, online: bool) -> None:
+    """PSO in the toy world: the 4-step toy student (its LCM sampler, no guidance) with LoRA.
+    Offline: the demo's judge-labelled pairs at the student's distilled timesteps. Online: the
+    toy judge as the reward model (``judge.reward_fn``: right attributes, then the distance of
+    the image to the clean render of its caption)."""
     c.model.path = ensure_fewstep()
     c.model.lora.rank = 8
     c.model.lora.alpha = 8.0
-    c.pso.reward = "toy_judge"
-    c.pso.pairs_per_round = 48
     c.pso.num_steps = 4
     c.sample.sampler = "auto"  # the folder's LCMScheduler
     c.sample.num_steps = 4
     c.sample.guidance_scale = 0.0
     c.sample.batch_size = 96
+    c.train.warmup_steps = 0
+    c.train.betas = ()
+    if not online:
+        # The demo's DPO settings, with LoRA's larger learning rate.
+        c.train.learning_rate = 1e-4
+        return
+    c.pso.reward = "toy_judge"
+    c.pso.pairs_per_round = 48
     c.iterations = 6
     c.train.batch_size = 16
     c.train.steps = 48 * 3 // 16  # one epoch over a round's stochastic transitions
@@ -276,8 +283,6 @@ def _online_pso_demo(c: ml_collections.ConfigDict) -> None:
     # 1000 with lr 1e-3 trains (loss 0.62 by round 6); 2000 with lr 2e-3 overshot (loss 1.04).
     c.train.learning_rate = 1e-3
     c.train.beta = 1000.0
-    c.train.betas = ()
-    c.train.warmup_steps = 0
     c.checkpoint.every_rounds = 1  # the judge's table reads every round's end
     c.log.every_steps = 3
 

@@ -174,7 +174,9 @@ class _References:
         return checkpoints.read_lora_info(self.workdir)["layers"]
 
     def unet(self, round_: int) -> Any:
-        if self.off is None or round_ == 0:
+        if self.off is None:  # full fine-tuning: the round's UNet itself
+            return self.get(round_)
+        if round_ == 0:
             return self.base
         return lora.merge_jit(self.base, self.get(round_), self.scale)
 
