@@ -126,8 +126,15 @@ def test_spin_two_iterations_and_export(model_dir, folder, tmp_path, monkeypatch
     from spin_jax.data.synthetic_store import SyntheticStore
 
     s1 = SyntheticStore.open(os.path.join(workdir, "iteration_1", "synthetic")).read(range(4))
-    s2 = SyntheticStore.open(os.path.join(workdir, "iteration_2", "synthetic")).read(range(4))
-    assert not np.allclose(s1, s2)
+    store2 = SyntheticStore.open(os.path.join(workdir, "iteration_2", "synthetic"))
+    assert not np.allclose(s1, store2.read(range(4)))
+    # ... made by iteration 1's UNet itself (not the base's: the store is keyed by its weights).
+    from spin_jax.data.latent_cache import params_fingerprint
+    from spin_jax.models import load_pretrained
+
+    base = load_pretrained(model_dir).params["unet"]
+    it1 = checkpoints.load_iteration_params(workdir, 1, base)
+    assert store2.manifest["model"] == params_fingerprint(it1) != params_fingerprint(base)
     # A finished run restarted does nothing more and returns the same summaries.
     again = loop.run(tiny_config("spin", model_dir, folder), workdir)
     assert again == summaries
