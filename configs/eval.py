@@ -47,8 +47,10 @@ def get_config(arg: str | None = None):
     c.prompts.limit = 0  # first N prompts only (0: all)
 
     c.model = ml_collections.ConfigDict()
-    c.model.dtype = "float32"  # compute dtype of generation (bfloat16 on GPU)
-    c.model.attention_impl = ml_collections.config_dict.placeholder(str)  # None | "cudnn"
+    # Compute dtype of generation: "auto" = bfloat16 on GPUs and TPUs, float32 on CPUs.
+    c.model.dtype = "auto"
+    # "auto": cuDNN flash attention where the GPU, dtype and head dim allow, XLA elsewhere.
+    c.model.attention_impl = "auto"
     c.model.allow_pickle = False
 
     c.sample = ml_collections.ConfigDict()

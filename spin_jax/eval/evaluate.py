@@ -205,6 +205,17 @@ def _base_model_path(spec: ModelSpec, config: Any) -> str:
     return base
 
 
+def compute_dtype(config: Any) -> str:
+    """``model.dtype`` with "auto" resolved for this machine (bfloat16 on GPUs and TPUs, float32
+    on CPUs): what the images depend on, recorded in settings.json."""
+    from spin_jax import platform
+
+    dtype = config.model.dtype
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"config.model.dtype={dtype!r} is not one of auto, float32, bfloat16")
+    return platform.default_compute_dtype() if dtype == "auto" else dtype
+
+
 def load_model(spec: ModelSpec, config: Any, cache: dict | None = None) -> tuple[Any, dict]:
     """(StableDiffusion, params) of a diffusers directory or a trainer iteration.
 
@@ -214,7 +225,7 @@ def load_model(spec: ModelSpec, config: Any, cache: dict | None = None) -> tuple
     """
     from spin_jax.models import load_pretrained
 
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.model.dtype]
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[compute_dtype(config)]
     path = spec.path if spec.kind == "diffusers" else _base_model_path(spec, config)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model {spec.name}: model directory {path} not found")
@@ -439,7 +450,7 @@ def settings_of(config: Any, specs: Sequence[ModelSpec]) -> dict:
             "guidance_scale": float(s.guidance_scale),
             "height": int(s.height),
             "width": int(s.width),
-            "dtype": config.model.dtype,
+            "dtype": compute_dtype(config),
         },
         "models": {sp.name: model_settings(sp, config) for sp in specs if sp.kind != "images"},
     }
