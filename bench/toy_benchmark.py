@@ -262,7 +262,7 @@ def _read_json(path: str) -> dict:
 def run_seed(args: argparse.Namespace, seed: int, sd: Any) -> dict[str, dict[str, float]]:
     """Trains every arm of ``seed`` (resuming what exists) and evaluates every model."""
     from spin_jax.files import write_json
-    from spin_jax.toy import demo
+    from spin_jax.toy import demo, judge
     from spin_jax.train import checkpoints as ckpt
     from spin_jax.train import loop
 
@@ -302,7 +302,9 @@ def run_seed(args: argparse.Namespace, seed: int, sd: Any) -> dict[str, dict[str
         models = checkpoints(objective, args.steps, args.iterations)
         if any(key not in results for key, *_ in models):
             t0 = time.time()
-            loop.run(c, workdir)
+            # Online PSO's reward model in the toy world: the judge (as launch/train.py builds it).
+            reward = judge.reward_fn if c.get("pso", {}).get("reward") == "toy_judge" else None
+            loop.run(c, workdir, reward_fn=reward)
             timings.setdefault(objective, round(time.time() - t0, 1))
             write_json(os.path.join(seed_dir, "timings.json"), timings)
         for key, total, iteration, step in models:
