@@ -58,7 +58,9 @@ def main(argv):
 
 def _reward_fn(config):
     """Online PSO's reward model (``pso.reward`` from ``pso.scorers``), None for the others."""
-    if config.objective != "pso_online":
+    from spin_jax.train import objectives
+
+    if objectives.get(config.objective).rollout != "online_pairs":  # only online PSO labels
         return None
     from spin_jax.eval import scorers
     from spin_jax.train import pso

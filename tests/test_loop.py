@@ -81,10 +81,13 @@ def test_every_row_is_complete():
     for row in objectives.OBJECTIVES.values():
         assert row.view in ("winners", "pairs", "kto")
         assert row.reference in ("none", "base", "previous", "seppo")
-        assert row.rollout in ("none", "dataset", "round_prompts")
+        assert row.rollout in ("none", "dataset", "round_prompts", "online_pairs")
+        assert row.timesteps in ("uniform", "distilled")
         assert set(row.cache_fields.values()) <= set(row.batch_fields)
-        if row.rollout != "none":
+        if row.rollout in ("dataset", "round_prompts"):  # a rolled-out sample is the x0_l
             assert row.pairwise and "x0_l" not in row.cache_fields.values()
+        if row.rollout == "online_pairs":  # online PSO: both sides are the model's own samples
+            assert not row.cache_fields and not row.pairwise
 
 
 # ---------------------------------------------------------------------------------------------

@@ -241,7 +241,7 @@ def _validate_pso(c: ml_collections.ConfigDict, fail) -> None:
     if float(p.reference_weight) < 0 or float(p.prior_weight) < 0:
         fail("pso.reference_weight" if float(p.reference_weight) < 0 else "pso.prior_weight",
              "must be >= 0")  # fmt: skip
-    if c.objective == "pso_online":
+    if objectives.OBJECTIVES[c.objective].rollout == "online_pairs":
         if int(p.pairs_per_round) < 1:
             fail("pso.pairs_per_round", "must be >= 1")
         if p.reward not in p.scorers and p.reward not in EXTRA_REWARDS:
