@@ -1,15 +1,19 @@
+# ruff: noqa: F811  (the fixtures imported from test_trainer are parameters here)
 """Two processes with jax.distributed (CPU, gloo) give the update of one process."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 import test_train_step as T
 from _multiprocess_worker import GLOBAL_BATCH, N_STEPS
+from test_trainer import ROOT, _unet_leaves, folder, model_dir, parquet  # noqa: F401  (fixtures)
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_multiprocess_worker.py")
 
@@ -115,3 +119,123 @@ def test_whole_run_on_two_processes(tmp_path):
     b = jax.tree.leaves(TT.checkpoints.load_iteration_params(two, 2, like))
     for x, y in zip(a, b, strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch/train.py as two processes of one CPU device each (processes on one machine standing in
+# for hosts; they share the workdir as hosts share a file system).
+
+FLAGS = "--xla_backend_optimization_level=0"
+TINY = [
+    "--config.iterations=2", "--config.train.steps=4", "--config.train.batch_size=4",
+    "--config.train.accum_steps=2", "--config.checkpoint.every_steps=2",
+]  # fmt: skip
+
+
+def _cmd(workdir, model_dir, data, config, extra=()):
+    from test_loop import _train_cmd
+
+    return _train_cmd(workdir, model_dir, data, config) + TINY + list(extra)
+
+
+def _start_two(cmd, logs):
+    """``cmd`` as processes 0 and 1 of a jax.distributed run; stderr to ``logs[i]``."""
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FLAGS}",
+                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))  # fmt: skip
+        env.pop("SPIN_JAX_HEARTBEAT_SECONDS", None)  # the default is what is tested
+        with open(logs[i], "ab") as err:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                          stderr=err))  # fmt: skip
+    return procs
+
+
+def _run_two(cmd, tmp_path, name):
+    logs = [tmp_path / f"{name}{i}.err" for i in range(2)]
+    procs = _start_two(cmd, logs)
+    try:
+        for p in procs:
+            p.wait(timeout=600)
+    finally:
+        _kill(procs)
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log.read_text()[-4000:]
+
+
+def _run_one(cmd):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FLAGS}")  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _kill(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _assert_same_unet(a, b, iteration, model_dir):
+    for x, y in zip(_unet_leaves(a, iteration, model_dir), _unet_leaves(b, iteration, model_dir),
+                    strict=True):  # fmt: skip
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)
+
+
+def test_dpo_on_two_processes_equals_one(model_dir, parquet, tmp_path):
+    """configs/dpo.py on Pick-a-Pic pairs: two processes end with one process's weights."""
+    extra = ["--config.iterations=1", "--config.data.source=pickapic",
+             "--config.train.per_device_batch_size=0"]  # fmt: skip
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    logs = [tmp_path / f"dpo{i}.err" for i in range(2)]
+    procs = _start_two(_cmd(two, model_dir, parquet, "configs/dpo.py", extra), logs)
+    try:
+        _run_one(_cmd(one, model_dir, parquet, "configs/dpo.py", extra))
+        for p in procs:
+            p.wait(timeout=600)
+    finally:
+        _kill(procs)
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log.read_text()[-4000:]
+    _assert_same_unet(one, two, 1, model_dir)
+
+
+def test_killed_process_stops_the_other_and_the_rerun_resumes(model_dir, folder, tmp_path):
+    """configs/spin.py on two processes; process 1 SIGKILLed mid-iteration 1: process 0 stops
+    within a minute with one line naming process 1 (not JAX's coordination-service abort), and
+    the same two commands rerun end with the weights of an uninterrupted run."""
+    killed, full = str(tmp_path / "killed"), str(tmp_path / "full")
+    cmd = _cmd(killed, model_dir, folder, "configs/spin.py")
+    logs = [tmp_path / f"kill{i}.err" for i in range(2)]
+    procs = _start_two(cmd, logs)
+    try:
+        target = os.path.join(killed, "iteration_1", "checkpoints", "2")
+        deadline = time.monotonic() + 400
+        while not os.path.exists(target) and time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
+            time.sleep(0.1)
+        assert os.path.exists(target), "iteration 1 never reached its first checkpoint"
+        before = logs[0].stat().st_size
+        procs[1].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        try:
+            procs[0].wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("process 0 still runs 2 minutes after process 1 was killed")
+        took = time.monotonic() - killed_at
+        print(f"process 0 stopped {took:.1f} s after the kill")
+    finally:
+        _kill(procs)
+    after = logs[0].read_bytes()[before:].decode(errors="replace")
+    assert procs[0].returncode == 1, after
+    assert "error: process 1 of 2 stopped responding" in after, after
+    assert took < 60, f"process 0 took {took:.0f} s to stop: {after}"
+    assert len(after.splitlines()) <= 10, after
+    assert not os.path.isfile(os.path.join(killed, "iteration_1", "summary.json"))
+
+    _run_one(_cmd(full, model_dir, folder, "configs/spin.py"))
+    _run_two(cmd, tmp_path, "rerun")
+    _assert_same_unet(full, killed, 2, model_dir)
