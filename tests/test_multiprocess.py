@@ -240,3 +240,50 @@ def test_killed_process_stops_the_other_and_the_rerun_resumes(model_dir, folder,
 
     _run_two(cmd, tmp_path, "rerun")
     _assert_same_unet(full, killed, 2, model_dir)
+
+
+_FAILING = """
+import sys, time
+from spin_jax import parallel
+parallel.init_distributed(f"127.0.0.1:{sys.argv[2]}", 2, int(sys.argv[1]))
+from jax.experimental import multihost_utils
+import numpy as np
+try:
+    for i in range(200):
+        multihost_utils.process_allgather(np.ones(2))
+        if i == 5 and sys.argv[1] == "1":
+            raise FileNotFoundError("config.data.path: /nowhere does not exist")
+        time.sleep(0.05)
+except FileNotFoundError as e:
+    parallel.exit_on_error(e)
+"""
+
+
+def test_error_on_one_process_stops_the_other_with_its_message(tmp_path):
+    port = str(_free_port())
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, "-c", _FAILING, str(i), port], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]  # fmt: skip
+    try:
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        _kill(procs)
+    assert [p.returncode for p in procs] == [1, 1], errs
+    assert errs[1].strip().splitlines()[-1] == "error: config.data.path: /nowhere does not exist"
+    assert errs[0].strip().splitlines()[-1] == (
+        "error: process 1 of 2 failed (config.data.path: /nowhere does not exist); stopping"
+    )
+
+
+def test_heartbeat_seconds(monkeypatch):
+    from spin_jax import parallel
+
+    monkeypatch.delenv(parallel.HEARTBEAT_ENV, raising=False)
+    assert parallel.heartbeat_seconds() == 30.0
+    monkeypatch.setenv(parallel.HEARTBEAT_ENV, "7.5")
+    assert parallel.heartbeat_seconds() == 7.5
+    monkeypatch.setenv(parallel.HEARTBEAT_ENV, "soon")
+    with pytest.raises(ValueError, match="SPIN_JAX_HEARTBEAT_SECONDS='soon'"):
+        parallel.heartbeat_seconds()
