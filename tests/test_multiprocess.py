@@ -1,5 +1,6 @@
 # ruff: noqa: F811  (the fixtures imported from test_trainer are parameters here)
-"""Two processes with jax.distributed (CPU, gloo) give the update of one process."""
+"""Two processes with jax.distributed (CPU, gloo) give the update of one process; launch/train.py
+as two processes (SPIN, SePPO, DPO) equals one; a dead or failing process stops the other."""
 
 import os
 import signal
