@@ -13,8 +13,6 @@ JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); see launch/slurm.sh
 ``toy_eval.enabled`` (the demo presets) ends with the toy world's judge table.
 """
 
-import sys
-
 from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -48,8 +46,7 @@ def main(argv):
         interrupt.exit_interrupted(f"interrupted {e}; rerun the same command to resume")
     except (ValueError, FileNotFoundError, runlock.LockedError, loop.NonFiniteLossError,
             checkpoints.CheckpointWriteError) as e:  # fmt: skip
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        parallel.exit_on_error(e)  # one line; on several processes the others stop too
     if config.get("toy_eval") and config.toy_eval.get("enabled") and jax.process_index() == 0:
         from spin_jax.toy.demo import demo_report
 

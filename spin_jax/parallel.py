@@ -8,9 +8,14 @@ large parameters (and their optimizer state) are split over ``fsdp`` and gathere
 
 from __future__ import annotations
 
+import atexit
 import os
-from collections.abc import Mapping
-from typing import Any
+import re
+import sys
+import threading
+import time
+from collections.abc import Collection, Mapping
+from typing import Any, NoReturn
 
 import jax
 import numpy as np
@@ -203,6 +208,11 @@ def init_distributed(
     ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, or a Slurm / Open MPI launch of more than one
     task (then JAX detects everything itself). Must run before any other JAX computation.
     Calling it again is harmless.
+
+    A multi-process run also starts a watchdog (see :func:`exit_on_error`): when a process stops
+    beating for ``SPIN_JAX_HEARTBEAT_SECONDS`` (default 30) or reports an error, every other
+    process prints one line ``error: process <i> of <n> ...; stopping`` and exits with status 1,
+    instead of waiting in a collective for JAX's coordination service to abort it.
     """
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
@@ -231,7 +241,7 @@ def init_distributed(
             raise ValueError(
                 f"init_distributed: process_id {process_id} not in [0, {num_processes})"
             )
-        jax.distributed.initialize(
+        _initialize(
             coordinator_address=coordinator_address,
             num_processes=num_processes,
             process_id=process_id,
@@ -240,6 +250,209 @@ def init_distributed(
         return True
     cluster_size = max(_env_int("SLURM_NTASKS") or 1, _env_int("OMPI_COMM_WORLD_SIZE") or 1)
     if cluster_size > 1:
-        jax.distributed.initialize(local_device_ids=local_device_ids)
+        _initialize(local_device_ids=local_device_ids)
         return True
     return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded failure of multi-process runs.
+#
+# When one process dies, the others notice only in a collective: gloo (CPU) fails it at once, NCCL
+# may hang in it; JAX's coordination service declares the dead task after its heartbeat timeout
+# and then aborts every survivor from C++ with a screenful of log lines and a stack trace (its
+# abort callback cannot be a Python function). So each process runs a watchdog thread of its own
+# over the service's key-value store: it bumps a beat counter, watches the others' counters and
+# status keys, and on a silent or failed peer writes one line and leaves with os._exit(1). JAX's
+# own heartbeat timeout is kept at least twice ours so that the watchdog speaks first.
+
+HEARTBEAT_ENV = "SPIN_JAX_HEARTBEAT_SECONDS"
+DEFAULT_HEARTBEAT_SECONDS = 30.0
+_KV = "spin_jax/watchdog"
+# Runtime errors from a collective whose peer went away (gloo: "UNKNOWN: Gloo AllGather failed:
+# ... Connection closed by peer"): the cause is the peer, which the watchdog names.
+_RUNTIME_STATUS = re.compile(
+    r"^(UNKNOWN|INTERNAL|UNAVAILABLE|DEADLINE_EXCEEDED|ABORTED|CANCELLED|FAILED_PRECONDITION): "
+)
+_watchdog: _Watchdog | None = None
+
+
+def heartbeat_seconds() -> float:
+    """Seconds of silence after which a peer process counts as dead: ``SPIN_JAX_HEARTBEAT_SECONDS``
+    (default 30)."""
+    value = os.environ.get(HEARTBEAT_ENV)
+    if value in (None, ""):
+        return DEFAULT_HEARTBEAT_SECONDS
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"environment variable {HEARTBEAT_ENV}={value!r} is not a positive number")
+    return seconds
+
+
+def _initialize(**kwargs: Any) -> None:
+    timeout = heartbeat_seconds()
+    # JAX's timeout also bounds how long finished processes wait at exit for the last one (its
+    # shutdown barrier): keep its default of 100 s unless ours asks for more.
+    jax.distributed.initialize(heartbeat_timeout_seconds=int(max(100, 2 * timeout)), **kwargs)
+    from jax._src import distributed
+
+    global _watchdog
+    _watchdog = _Watchdog(
+        distributed.global_state.client,
+        jax.process_index(),
+        jax.process_count(),
+        timeout,
+        distributed.global_state.coordinator_address,
+    )
+    _watchdog.start()
+    atexit.register(_watchdog.finish)  # runs before JAX's own shutdown (atexit is LIFO)
+    previous = sys.excepthook
+
+    def excepthook(kind, value, tb):
+        # An uncaught error: a collective that failed with its peer waits for the watchdog to
+        # name that peer (and exit); any other error keeps its traceback and stops the others.
+        wd = _watchdog
+        if wd is not None and not wd.finishing.is_set() and _peer_may_be_gone(value):
+            wd.wait_for_verdict()
+        previous(kind, value, tb)
+        if wd is not None and not wd.finishing.is_set():
+            wd.stop(f"process {wd.index} of {wd.count} failed ({_one_line(value, 300)})", line="")
+
+    sys.excepthook = excepthook
+
+
+def _peer_may_be_gone(error: BaseException | str) -> bool:
+    return isinstance(error, jax.errors.JaxRuntimeError) or bool(_RUNTIME_STATUS.match(str(error)))
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Watchdog:
+    """Beats for this process and watches the others (module comment above)."""
+
+    def __init__(self, client: Any, index: int, count: int, timeout: float, address: str | None):
+        self.client, self.index, self.count = client, index, count
+        self.timeout, self.address = timeout, address
+        self.interval = min(2.0, max(0.2, timeout / 10))
+        self.finishing = threading.Event()
+        self.lock = threading.Lock()  # one reporter: the watchdog or the main thread
+        self.thread = threading.Thread(target=self._run, name="spin_jax-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _key(self, kind: str, i: int) -> str:
+        return f"{_KV}/{kind}/{i}"
+
+    def _entries(self) -> dict[str, str]:
+        return dict(self.client.key_value_dir_get(f"{_KV}/"))
+
+    def _run(self) -> None:
+        beat, unreachable, done = 0, None, set()
+        peers = [j for j in range(self.count) if j != self.index]
+        seen = {j: (None, time.monotonic()) for j in peers}  # last beat value and when it changed
+        while jax.distributed.is_initialized():  # a program may shut it down itself
+            beat += 1
+            now = time.monotonic()
+            try:
+                self.client.key_value_set(self._key("beat", self.index), str(beat), True)
+                entries = self._entries()
+                unreachable = None
+            except Exception as e:  # noqa: BLE001 - the service's errors come in many kinds
+                unreachable = unreachable or now
+                if now - unreachable > self.timeout and not self.finishing.is_set():
+                    self.stop(
+                        f"process 0 of {self.count} stopped responding (its coordination service "
+                        f"at {self.address} unreachable for {self.timeout:g} s: {_one_line(e, 120)})",
+                        tell=False,
+                    )
+                time.sleep(self.interval)
+                continue
+            for j in peers:
+                status = entries.get(self._key("status", j), "")
+                if status.startswith("failed:"):
+                    self.stop(status.removeprefix("failed:"), tell=False, gone={j})
+                if status == "done":
+                    done.add(j)
+                value = entries.get(self._key("beat", j))
+                if value != seen[j][0]:
+                    seen[j] = (value, now)
+                elif j not in done and now - seen[j][1] > self.timeout:
+                    self.stop(
+                        f"process {j} of {self.count} stopped responding "
+                        f"(no heartbeat for {self.timeout:g} s)",
+                        gone={j},
+                    )
+            if self.finishing.is_set() and len(done) == len(peers):
+                return
+            time.sleep(self.interval)
+
+    def stop(
+        self, reason: str, tell: bool = True, line: str | None = None, gone: Collection[int] = ()
+    ) -> NoReturn:
+        """Writes ``line`` (default ``error: <reason>; stopping``; "" writes nothing) and exits 1.
+
+        ``tell``: the reason is posted for the other processes (else only "stopped"). Process 0
+        holds the key-value store: it first waits a few beats for the others but ``gone`` to post
+        a status (they would abort from C++ once the store is gone)."""
+        if not self.lock.acquire(blocking=False):
+            while True:  # the other reporter is already on its way out
+                time.sleep(60)
+        if line is None:
+            line = f"error: {reason}; stopping"
+        if line:
+            print(line, file=sys.stderr, flush=True)
+        try:
+            status = "failed:" + reason if tell else "stopped"
+            self.client.key_value_set(self._key("status", self.index), status, True)
+            others = [j for j in range(1, self.count) if j not in gone] if self.index == 0 else []
+            deadline = time.monotonic() + 3 * self.interval + 2
+            while others and time.monotonic() < deadline:
+                time.sleep(self.interval / 2)
+                entries = self._entries()
+                others = [j for j in others if self._key("status", j) not in entries]
+        except Exception:  # noqa: BLE001, S110 - leaving anyway
+            pass
+        sys.stdout.flush()
+        os._exit(1)
+
+    def wait_for_verdict(self) -> None:
+        """Gives the watchdog a heartbeat timeout to find a dead peer (it then exits the process)."""
+        time.sleep(self.timeout + 4 * self.interval + 2)
+
+    def finish(self) -> None:
+        """At a normal exit: the others stop watching this process."""
+        self.finishing.set()
+        if not jax.distributed.is_initialized():
+            return
+        try:
+            self.client.key_value_set(self._key("status", self.index), "done", True)
+        except Exception:  # noqa: BLE001, S110 - the service may be gone already
+            pass
+
+
+def exit_on_error(error: BaseException | str) -> NoReturn:
+    """Ends a command that failed with ``error``: ``error: <error>`` on stderr and exit status 1.
+
+    In a multi-process run the other processes are told (they print ``error: process <i> of <n>
+    failed (<error>); stopping`` and exit 1) and this process leaves at once, without JAX's
+    shutdown barrier, which the others would never reach. A runtime error of a collective is
+    first held back for up to a heartbeat timeout: when a peer died, the watchdog names it
+    instead.
+    """
+    wd = _watchdog
+    if wd is None or wd.finishing.is_set():
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    if _peer_may_be_gone(error):
+        wd.wait_for_verdict()
+    wd.stop(
+        f"process {wd.index} of {wd.count} failed ({_one_line(error, 300)})",
+        line=f"error: {_one_line(error, 2000)}",
+    )

@@ -1,15 +1,20 @@
-"""Two processes with jax.distributed (CPU, gloo) give the update of one process."""
+# ruff: noqa: F811  (the fixtures imported from test_trainer are parameters here)
+"""Two processes with jax.distributed (CPU, gloo) give the update of one process; launch/train.py
+as two processes (SPIN, SePPO, DPO) equals one; a dead or failing process stops the other."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 import test_train_step as T
 from _multiprocess_worker import GLOBAL_BATCH, N_STEPS
+from test_trainer import ROOT, _unet_leaves, folder, model_dir, parquet  # noqa: F401  (fixtures)
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_multiprocess_worker.py")
 
@@ -115,3 +120,171 @@ def test_whole_run_on_two_processes(tmp_path):
     b = jax.tree.leaves(TT.checkpoints.load_iteration_params(two, 2, like))
     for x, y in zip(a, b, strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch/train.py as two processes of one CPU device each (processes on one machine standing in
+# for hosts; they share the workdir as hosts share a file system).
+
+FLAGS = "--xla_backend_optimization_level=0"
+TINY = [
+    "--config.iterations=2", "--config.train.steps=4", "--config.train.batch_size=4",
+    "--config.train.accum_steps=2", "--config.checkpoint.every_steps=2",
+]  # fmt: skip
+
+
+def _cmd(workdir, model_dir, data, config, extra=()):
+    from test_loop import _train_cmd
+
+    return _train_cmd(workdir, model_dir, data, config) + TINY + list(extra)
+
+
+def _start_two(cmd, logs):
+    """``cmd`` as processes 0 and 1 of a jax.distributed run; stderr to ``logs[i]``."""
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FLAGS}",
+                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))  # fmt: skip
+        env.pop("SPIN_JAX_HEARTBEAT_SECONDS", None)  # the default is what is tested
+        with open(logs[i], "ab") as err:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                          stderr=err))  # fmt: skip
+    return procs
+
+
+def _run_two(cmd, tmp_path, name):
+    logs = [tmp_path / f"{name}{i}.err" for i in range(2)]
+    procs = _start_two(cmd, logs)
+    try:
+        for p in procs:
+            p.wait(timeout=600)
+    finally:
+        _kill(procs)
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log.read_text()[-4000:]
+
+
+def _run_one(cmd):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FLAGS}")  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _kill(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _assert_same_unet(a, b, iteration, model_dir):
+    from spin_jax.models import load_pretrained
+
+    base = jax.tree.leaves(load_pretrained(model_dir).params["unet"])
+    x, y = _unet_leaves(a, iteration, model_dir), _unet_leaves(b, iteration, model_dir)
+    assert any(np.abs(u - np.asarray(v)).max() > 1e-4 for u, v in zip(x, base, strict=True))
+    for u, v in zip(x, y, strict=True):
+        np.testing.assert_allclose(u, v, atol=1e-5, rtol=0)
+
+
+def test_dpo_on_two_processes_equals_one(model_dir, parquet, tmp_path):
+    """configs/dpo.py on Pick-a-Pic pairs: two processes end with one process's weights."""
+    # The latent cache is built by the one-process run and shared: spin_jax/train/batches.py asks
+    # each process on its own whether the cache is complete, and a process that finds it finished
+    # by a faster peer skips the build's collectives (the two then fail out of step).
+    extra = ["--config.iterations=1", "--config.data.source=pickapic",
+             "--config.train.per_device_batch_size=0",
+             f"--config.data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    _run_one(_cmd(one, model_dir, parquet, "configs/dpo.py", extra))
+    _run_two(_cmd(two, model_dir, parquet, "configs/dpo.py", extra), tmp_path, "dpo")
+    _assert_same_unet(one, two, 1, model_dir)
+
+
+def test_killed_process_stops_the_other_and_the_rerun_resumes(model_dir, folder, tmp_path):
+    """configs/spin.py on two processes; process 1 SIGKILLed mid-iteration 1: process 0 stops
+    within a minute with one line naming process 1 (not JAX's coordination-service abort), and
+    the same two commands rerun end with the weights of an uninterrupted run."""
+    killed, full = str(tmp_path / "killed"), str(tmp_path / "full")
+    cache = [f"--config.data.cache_dir={tmp_path / 'cache'}"]  # shared: see the DPO test
+    _run_one(_cmd(full, model_dir, folder, "configs/spin.py", cache))
+    cmd = _cmd(killed, model_dir, folder, "configs/spin.py", cache)
+    logs = [tmp_path / f"kill{i}.err" for i in range(2)]
+    procs = _start_two(cmd, logs)
+    try:
+        target = os.path.join(killed, "iteration_1", "checkpoints", "2")
+        deadline = time.monotonic() + 400
+        while not os.path.exists(target) and time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
+            time.sleep(0.1)
+        assert os.path.exists(target), "iteration 1 never reached its first checkpoint"
+        before = logs[0].stat().st_size
+        procs[1].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        try:
+            procs[0].wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("process 0 still runs 2 minutes after process 1 was killed")
+        took = time.monotonic() - killed_at
+        print(f"process 0 stopped {took:.1f} s after the kill")
+    finally:
+        _kill(procs)
+    after = logs[0].read_bytes()[before:].decode(errors="replace")
+    assert procs[0].returncode == 1, after
+    assert "error: process 1 of 2 stopped responding" in after, after
+    assert took < 60, f"process 0 took {took:.0f} s to stop: {after}"
+    assert len(after.splitlines()) <= 10, after
+    assert not os.path.isfile(os.path.join(killed, "iteration_1", "summary.json"))
+
+    _run_two(cmd, tmp_path, "rerun")
+    _assert_same_unet(full, killed, 2, model_dir)
+
+
+_FAILING = """
+import sys, time
+from spin_jax import parallel
+parallel.init_distributed(f"127.0.0.1:{sys.argv[2]}", 2, int(sys.argv[1]))
+from jax.experimental import multihost_utils
+import numpy as np
+try:
+    for i in range(200):
+        multihost_utils.process_allgather(np.ones(2))
+        if i == 5 and sys.argv[1] == "1":
+            raise FileNotFoundError("config.data.path: /nowhere does not exist")
+        time.sleep(0.05)
+except FileNotFoundError as e:
+    parallel.exit_on_error(e)
+"""
+
+
+def test_error_on_one_process_stops_the_other_with_its_message(tmp_path):
+    port = str(_free_port())
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, "-c", _FAILING, str(i), port], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]  # fmt: skip
+    try:
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        _kill(procs)
+    assert [p.returncode for p in procs] == [1, 1], errs
+    assert errs[1].strip().splitlines()[-1] == "error: config.data.path: /nowhere does not exist"
+    assert errs[0].strip().splitlines()[-1] == (
+        "error: process 1 of 2 failed (config.data.path: /nowhere does not exist); stopping"
+    )
+
+
+def test_heartbeat_seconds(monkeypatch):
+    from spin_jax import parallel
+
+    monkeypatch.delenv(parallel.HEARTBEAT_ENV, raising=False)
+    assert parallel.heartbeat_seconds() == 30.0
+    monkeypatch.setenv(parallel.HEARTBEAT_ENV, "7.5")
+    assert parallel.heartbeat_seconds() == 7.5
+    monkeypatch.setenv(parallel.HEARTBEAT_ENV, "soon")
+    with pytest.raises(ValueError, match="SPIN_JAX_HEARTBEAT_SECONDS='soon'"):
+        parallel.heartbeat_seconds()
