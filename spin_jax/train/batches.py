@@ -84,7 +84,15 @@ def open_data(config: ml_collections.ConfigDict, objective: Objective, workdir: 
         resize_filter=c.data.resize_filter,
         empty_caption=c.data.empty_caption,
     )
-    if not cache.is_complete():
+    need = not cache.is_complete()
+    if jax.process_count() > 1:
+        # Every process decides together: one that looked after another finished the shared
+        # cache would skip the build's collectives and fall out of step with the others.
+        from jax.experimental import multihost_utils
+
+        votes = multihost_utils.process_allgather(np.array([need], np.float32))
+        need = bool(np.any(np.asarray(votes) > 0.5))
+    if need:
         encode = jax.jit(sd.vae_encode)
         vae = sd.params["vae"]
         cache.build(
