@@ -387,7 +387,7 @@ def _openclip_to_file(
     if family == "sd2" and not unknown:
         # SD 2.x conditions on OpenCLIP's penultimate layer, so diffusers' text encoder has one
         # layer fewer than the file: write an all-zero last resblock (an identity: both
-        # residual branches add zero) and an identity projection, as placeholders.
+        # residual branches add zero) and an identity projection, which SD 2.x never reads.
         width = t["text_model.embeddings.token_embedding.weight"].shape[1]
         n = len(_indices(t, r"text_model\.encoder\.layers\.(\d+)\."))
         ff = t["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
@@ -844,7 +844,7 @@ def convert_to_original(
     state_dicts: Mapping[str, Mapping[str, np.ndarray]], family: str
 ) -> dict[str, np.ndarray]:
     """``write_single_file`` without the file: {original key: array} (views where a rename
-    is all it takes; fused qkv and the SD 2.x placeholders are new arrays)."""
+    is all it takes; fused qkv and the SD 2.x identity layer are new arrays)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     needed = ("unet", "vae", *TEXT_PREFIXES[family])
