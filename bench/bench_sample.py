@@ -105,7 +105,9 @@ SD15 = {
     "unet_tflop": 0.787,  # per image forward at 64x64 latents (ALGORITHMS.md)
     "decode_tflop": 2.50,
 }
-SIZES = {"tiny": TINY, "sd15": SD15}
+# The CPU comparison point: TINY with 2 layers per block.
+SMALL = dict(TINY, unet=dict(TINY["unet"], layers_per_block=2))
+SIZES = {"tiny": TINY, "small": SMALL, "sd15": SD15}
 
 
 def _small_sdxl(channels, heads, depths, layers, time_dim, text_width, vae_channels, resolution):
@@ -625,7 +627,7 @@ def main() -> None:
     dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
     impl = args.attention_impl if args.attention_impl is not None else ("cudnn" if on_gpu else "")
     size = args.resolution or spec["resolution"]
-    default_batches = "16,64" if args.size == "sd15" else "4"
+    default_batches = {"sd15": "16,64", "small": "8"}.get(args.size, "4")
     batches = [int(b) for b in (args.batch_sizes or default_batches).split(",")]
     modes = [m for m in args.modes.split(",") if m]
     device_kind = jax.devices()[0].device_kind
@@ -633,7 +635,7 @@ def main() -> None:
 
     tok_dir = tempfile.mkdtemp()
     vocab = write_clip_tokenizer(tok_dir, WORDS)
-    if args.size == "tiny":  # the tiny text encoder's vocabulary is the tiny tokenizer's
+    if args.size in ("tiny", "small"):  # the tiny text encoder's vocabulary is the tiny tokenizer's
         spec = dict(spec, text_encoder=dict(spec["text_encoder"], vocab_size=vocab,
                     bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1))  # fmt: skip
     sd = build_jax(spec, tok_dir, dtype, impl or None)

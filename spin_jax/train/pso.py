@@ -38,12 +38,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from spin_jax import parallel
+from spin_jax import parallel, platform
 from spin_jax.data import sources as data_sources
 from spin_jax.data.synthetic_store import SyntheticStore
 from spin_jax.diffusion import samplers
 from spin_jax.train import batches, objectives
 from spin_jax.train import metrics as metrics_lib
+from spin_jax.train import step as step_lib
 from spin_jax.train.batches import Interrupted
 from spin_jax.train.state import TrainState
 
@@ -415,16 +416,10 @@ def make_online_step(
             stacked = jax.tree.map(
                 lambda x: jnp.swapaxes(x.reshape((b // accum, accum) + x.shape[1:]), 0, 1), batch
             )
-
-            def body(grad_sum, mb):
-                loss, metrics, grads = micro(apply, state.params, ref_params, text_params, mb, beta)
-                return jax.tree.map(jnp.add, grad_sum, grads), (loss, metrics)
-
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            grad_sum, (loss, metrics) = jax.lax.scan(body, zeros, stacked)
-            grads = jax.tree.map(lambda g: g / accum, grad_sum)
-            loss = jnp.mean(loss)
-            metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+            loss, metrics, grads = step_lib.accumulate(
+                lambda mb: micro(apply, state.params, ref_params, text_params, mb, beta),
+                state.params, stacked, platform.scan_unroll(accum),
+            )  # fmt: skip
         grad_norm = optax.tree.norm(grads)
         is_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = state.apply_gradients(grads)

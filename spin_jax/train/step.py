@@ -38,7 +38,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from spin_jax import losses, parallel
+from spin_jax import losses, parallel, platform
 from spin_jax.diffusion import schedule as noising
 from spin_jax.diffusion.schedule import PREDICTION_TYPES
 from spin_jax.train import objectives
@@ -119,6 +119,7 @@ def make_train_step(
     beta: float | None = None,
     share_noise: bool = True,
     accum_steps: int = 1,
+    unroll: int | None = None,
     lambda_d: float = 1.0,
     lambda_u: float = 1.0,
     sft_weight: float = 0.0,
@@ -139,7 +140,8 @@ def make_train_step(
     ``mesh``, if given, lets the step check divisibility and place each micro-batch across all
     data-parallel devices. ``timesteps`` (ints in ``[0, T)``): draw ``t`` from these only
     (offline PSO's distilled timesteps). ``loss_options``: more static options of the loss call
-    (``objectives.loss_options``, e.g. PSO's weights).
+    (``objectives.loss_options``, e.g. PSO's weights). ``unroll``: micro-batches unrolled in the
+    accumulation loop (default ``platform.scan_unroll``: all on a CPU, a rolled loop elsewhere).
     """
     row = objectives.get(objective)
     if timesteps is not None:
@@ -156,6 +158,7 @@ def make_train_step(
         losses.check_beta(beta, objective)
     if not isinstance(accum_steps, int) or accum_steps < 1:
         raise ValueError(f"make_train_step: accum_steps must be an int >= 1, got {accum_steps!r}")
+    unroll = platform.scan_unroll(accum_steps) if unroll is None else int(unroll)
     num_t = _check_schedule(schedule)
     fields = row.batch_fields
     pairwise = row.pairwise
@@ -264,18 +267,13 @@ def make_train_step(
                 def reward(_, mb):
                     return None, kto_reward(state.params, ref_params, text_params, mb)
 
-                _, rewards = jax.lax.scan(reward, None, stacked)
+                _, rewards = jax.lax.scan(reward, None, stacked, unroll=unroll)
                 z0 = jnp.maximum(0.0, jnp.mean(rewards))
 
-            def body(grad_sum, mb):
-                loss, metrics, grads = micro_step(state.params, ref_params, text_params, mb, z0)
-                return jax.tree.map(jnp.add, grad_sum, grads), (loss, metrics)
-
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            grad_sum, (loss, metrics) = jax.lax.scan(body, zeros, stacked)
-            grads = jax.tree.map(lambda g: g / accum_steps, grad_sum)
-            loss = jnp.mean(loss)
-            metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+            loss, metrics, grads = accumulate(
+                lambda mb: micro_step(state.params, ref_params, text_params, mb, z0),
+                state.params, stacked, unroll,
+            )  # fmt: skip
 
         grad_norm = optax.tree.norm(grads)
         is_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -292,6 +290,27 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def accumulate(
+    micro: Callable[[Any], tuple[jax.Array, dict[str, jax.Array], Any]],
+    params: Any,
+    stacked: Any,
+    unroll: int = 1,
+) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+    """Gradient accumulation: ``micro(mb) -> (loss, metrics, grads)`` over the leading axis of
+    ``stacked`` (one entry per micro-batch) in one ``lax.scan``; mean loss, metrics and grads.
+    ``unroll``: ``platform.scan_unroll`` (XLA:CPU runs the backward pass slowly inside a loop)."""
+
+    def body(grad_sum, mb):
+        loss, metrics, grads = micro(mb)
+        return jax.tree.map(jnp.add, grad_sum, grads), (loss, metrics)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grad_sum, (loss, metrics) = jax.lax.scan(body, zeros, stacked, unroll=unroll)
+    n = jax.tree.leaves(loss)[0].shape[0]
+    grads = jax.tree.map(lambda g: g / n, grad_sum)
+    return jnp.mean(loss), jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics), grads
 
 
 def jit_train_step(
