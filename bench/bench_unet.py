@@ -59,10 +59,21 @@ TINY_SDXL_UNET = {
     "addition_time_embed_dim": 16,
     "projection_class_embeddings_input_dim": 32 + 6 * 16,
 }
+# The CPU comparison point of bench_sample.py --size small: two blocks of 32/64, 2 layers each.
+SMALL_UNET = {
+    **TINY_UNET,
+    "block_out_channels": [32, 64],
+    "layers_per_block": 2,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "attention_head_dim": 8,
+}
 SIZES = {  # config, latent size, context length
     "tiny": (TINY_UNET, 32, 77),
+    "small": (SMALL_UNET, 16, 77),
     "tiny_sdxl": (TINY_SDXL_UNET, 32, 77),
     "sd15": (presets.SD15_UNET, 64, 77),
+    "sd21": (presets.SD21_UNET, 96, 77),
     "sdxl": (presets.SDXL_UNET, 128, 77),
 }
 # Dense peak TFLOP/s by device name and dtype (tensor cores, no sparsity).
@@ -323,6 +334,7 @@ def main(argv=None) -> None:
         choices=["auto", "none", "xla", "cudnn"],
         help="auto: cudnn for 16-bit dtypes on a GPU, else XLA",
     )
+    parser.add_argument("--latent", type=int, default=None, help="latent side (default per size)")
     parser.add_argument("--modes", default="forward,train")
     parser.add_argument("--steps", type=int, default=10 if on_gpu else 3)
     parser.add_argument("--remat", action="store_true", help="rematerialise blocks (training)")
@@ -345,9 +357,11 @@ def main(argv=None) -> None:
         return
     args.size = args.size or ("sd15" if on_gpu else "tiny")
     config, latent, ctx_len = SIZES[args.size]
+    latent = args.latent or latent
     device = jax.devices()[0]
     device_name = getattr(device, "device_kind", str(device))
-    emit(what="setup", backend=jax.default_backend(), device=device_name, size=args.size)
+    emit(what="setup", backend=jax.default_backend(), device=device_name, size=args.size,
+         latent=latent, cpu_count=os.cpu_count(), load_1min=round(os.getloadavg()[0], 2))  # fmt: skip
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
         if m not in ("forward", "train"):

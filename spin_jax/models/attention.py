@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from spin_jax.platform import IMPLEMENTATIONS, resolve_attention
 
-__all__ = ["IMPLEMENTATIONS", "attention"]
+__all__ = ["IMPLEMENTATIONS", "attention", "xla_attention"]
 
 
 def attention(
@@ -37,8 +37,40 @@ def attention(
         implementation, dtype=dtype, head_dim=q.shape[-1], masked=mask is not None
     )
     if impl == "xla":
-        impl = None  # jax's default path (XLA), as before
         if upcast:
             q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+        return xla_attention(q, k, v, mask=mask, is_causal=is_causal).astype(dtype)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=impl)
     return out.astype(dtype)
+
+
+def xla_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    is_causal: bool = False,
+) -> jax.Array:
+    """Softmax attention in plain XLA ops on ``[B, L, H, D]``, logits and sums in float32.
+
+    Two things make it 2-4x faster than ``jax.nn.dot_product_attention``'s XLA path on XLA:CPU
+    (bench/RESULTS.md): the heads move next to the batch before the matmuls (batch dimensions
+    leading, so each matmul is a plain batched GEMM), and the softmax's division is applied to
+    the [L, D] output instead of the [L, L] probabilities. ``mask``: True where a query may
+    attend, broadcastable to [B, H, L_q, L_k].
+    """
+    qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, H, L, D]
+    logits = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32)
+    logits = logits * (q.shape[-1] ** -0.5)
+    if is_causal:
+        causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+        mask = causal if mask is None else mask & causal
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    # Subtracting the row maximum leaves the value unchanged: no gradient needs to flow through it.
+    weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), vh,
+                     preferred_element_type=jnp.float32)  # fmt: skip
+    out = out / weights.sum(axis=-1, keepdims=True)
+    return jnp.swapaxes(out, 1, 2).astype(q.dtype)

@@ -41,11 +41,46 @@ def timestep_embedding(
     return emb
 
 
-def group_norm(groups: int, eps: float, dtype: Dtype, name: str) -> nn.GroupNorm:
+class GroupNorm(nn.Module):
+    """GroupNorm over the channels of NHWC (or [B, L, C]) inputs, as torch.nn.GroupNorm.
+
+    One pass over the input for the sums of x and x^2 (float32), then one fused scale-and-shift
+    per channel: 1.5-2.7x faster than ``flax.linen.GroupNorm`` on XLA:CPU at the UNet's shapes
+    (bench/RESULTS.md). Params ``scale`` and ``bias`` are named as flax's, so checkpoints and
+    the diffusers mapping are unchanged.
+    """
+
+    num_groups: int
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(
+                f"GroupNorm: {c} channels are not divisible by {self.num_groups} groups"
+            )
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        b, per_group = x.shape[0], c // self.num_groups
+        xf = x.astype(jnp.float32)
+        axes = tuple(range(1, x.ndim - 1))
+        n = per_group * int(np.prod([x.shape[a] for a in axes]))
+        sums = jnp.stack([xf.sum(axes), (xf * xf).sum(axes)])  # [2, B, C]
+        sums = sums.reshape(2, b, self.num_groups, per_group).sum(-1) / n
+        mean, var = sums[0], jnp.maximum(sums[1] - sums[0] * sums[0], 0.0)
+        inv = jnp.repeat(jax.lax.rsqrt(var + self.epsilon), per_group, axis=1)  # [B, C]
+        gain = scale * inv
+        shift = bias - jnp.repeat(mean, per_group, axis=1) * gain
+        bshape = (b,) + (1,) * len(axes) + (c,)
+        y = xf * gain.reshape(bshape) + shift.reshape(bshape)
+        return y.astype(self.dtype)
+
+
+def group_norm(groups: int, eps: float, dtype: Dtype, name: str) -> GroupNorm:
     # Statistics in float32 whatever the compute dtype; output in the compute dtype.
-    return nn.GroupNorm(
-        num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name
-    )
+    return GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, name=name)
 
 
 def dense(features: int, dtype: Dtype, name: str, use_bias: bool = True) -> nn.Dense:
