@@ -106,21 +106,28 @@ def bench_jax(args, config, data, schedule_config, peak):
     state = TrainState.create(params, tx, mesh=mesh)
     ref = parallel.replicate(params, mesh)
     batch = parallel.global_batch_from_local(data, mesh)
-    fn = step.make_train_step(
-        "spin",
-        unet_apply=lambda p, x, t, c: model.apply({"params": p}, x, t, c),
-        schedule=schedule_from_config(schedule_config),
-        beta=BETA,
-        accum_steps=args.accum_steps,
-        learning_rate_fn=lr_fn,
-        mesh=mesh,
-    )
-    jitted = step.jit_train_step(fn, state_sharding(state))
+
+    def make(unroll=None):
+        return step.make_train_step(
+            "spin",
+            unet_apply=lambda p, x, t, c: model.apply({"params": p}, x, t, c),
+            schedule=schedule_from_config(schedule_config),
+            beta=BETA,
+            accum_steps=args.accum_steps,
+            unroll=unroll,
+            learning_rate_fn=lr_fn,
+            mesh=mesh,
+        )
+
+    jitted = step.jit_train_step(make(), state_sharding(state))
     keys = [parallel.replicate(jax.random.key(i), mesh) for i in range(args.steps + 2)]
     start = time.perf_counter()
     compiled = jitted.lower(state, ref, None, batch, keys[0]).compile()
     compile_s = time.perf_counter() - start
-    cost = compiled.cost_analysis()
+    # FLOPs from the step with every micro-batch unrolled: XLA's cost analysis counts a while
+    # loop's body once, so a rolled accumulation loop would read as one micro-batch.
+    cost = jax.jit(make(unroll=args.accum_steps)).lower(state, ref, None, batch, keys[0])
+    cost = cost.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     tflop_pair = float(cost.get("flops", float("nan"))) / 1e12 / args.batch
     mem = compiled.memory_analysis()
