@@ -25,12 +25,13 @@ Grace period: ``Guard(grace_seconds=N)`` (or ``guard.grace_seconds = N`` before 
 the process on its own N seconds after the first signal if the caller has not stopped by then,
 so that a scheduler's SIGKILL (SLURM's KillWait and Kubernetes' terminationGracePeriodSeconds
 are 30 s by default) never comes first: one line on stderr (``guard.describe()``, set by the
-caller, says what was cut short and what is intact; a generic line otherwise), then
-``os._exit(EXIT_INTERRUPTED)``. Only what was written atomically (write then rename, as orbax's
-checkpoints) is kept, so a rerun never trusts a half-written file. The clock starts when the
-signal arrives, not when Python runs the handler (which waits for a long native call, such as a
-train step, to return): a thread reads the signal from ``signal.set_wakeup_fd``. That thread
-also makes a second SIGINT stop at once during such a call. 0 = no limit (the default).
+caller, says what was cut short and what is intact; a generic line otherwise), this process's
+``runlock`` locks are released, then ``os._exit(EXIT_INTERRUPTED)``. Only what was written
+atomically (to a temporary name, then renamed, as orbax's checkpoints) survives as finished,
+so a rerun never trusts a half-written file. The clock starts when the signal arrives, not
+when Python runs the handler (which waits for a long native call, such as a train step, to
+return): a thread reads each signal from ``signal.set_wakeup_fd``. That thread also makes a
+second SIGINT stop at once during such a call. 0 = no limit (the default).
 
 Exit status: ``EXIT_INTERRUPTED = 75`` (EX_TEMPFAIL of sysexits.h, "try again later"). A job
 script can requeue on it, e.g. in SLURM ``python launch/train.py ... || [ $? -eq 75 ] &&
@@ -107,7 +108,11 @@ class Guard:
                     "progress finished; what was finished is kept; rerun the same command to "
                     "resume"
                 )  # fmt: skip
-                print(line, file=sys.stderr, flush=True)
+                # On a line of its own: a progress bar may hold the current one.
+                print(f"\n{line}", file=sys.stderr, flush=True)
+                from spin_jax import runlock
+
+                runlock.release_all()  # the rerun finds the folder free, no stale lock
                 os._exit(EXIT_INTERRUPTED)
             for signum in os.read(fd, 512):
                 if signum not in self.signals:

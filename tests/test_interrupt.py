@@ -101,7 +101,8 @@ def test_second_sigint_exits_at_once(tmp_path):
 GRACE = textwrap.dedent(
     """
     import hashlib, sys, time
-    from spin_jax import interrupt
+    from spin_jax import interrupt, runlock
+    lock = runlock.acquire(sys.argv[2])
     t0 = time.time()
     hashlib.pbkdf2_hmac("sha256", b"x", b"salt", 20000)
     n = int(20000 * 6.0 / max(time.time() - t0, 1e-6))  # one native call of about 6 s
@@ -114,9 +115,9 @@ GRACE = textwrap.dedent(
 )
 
 
-def test_grace_period_ends_a_unit_that_overruns_it():
+def test_grace_period_ends_a_unit_that_overruns_it(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-c", GRACE, "0.5"],
+        [sys.executable, "-c", GRACE, "0.5", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -136,6 +137,7 @@ def test_grace_period_ends_a_unit_that_overruns_it():
         "grace period of 0.5 s ran out before the work in progress finished; what was "
         "finished is kept; rerun the same command to resume"
     )
+    assert not (tmp_path / ".lock").exists()  # released, although atexit did not run
 
 
 def test_guard_restores_handlers_and_main_thread_only():
