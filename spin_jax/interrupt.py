@@ -15,23 +15,21 @@ Inside the guard, the first SIGTERM (what SLURM and Kubernetes send before they 
 or SIGINT (Ctrl-C) only sets ``guard.requested`` (and ``guard.signal_name``), and says so in
 one line on stderr; the caller checks the flag between units of work (steps, batches, shards)
 and stops cleanly. A second SIGINT exits at once with ``os._exit(EXIT_INTERRUPTED)``: no
-cleanup, no thread tracebacks; what was written atomically before stays valid, and a lock file
-left behind is taken over by the rerun (a stale lock of this host). Further SIGTERMs are
-ignored (the first one is being honoured). Leaving the guard restores the previous handlers.
-Signal handlers can only be set from the main thread: elsewhere the guard does nothing
-(``requested`` stays False).
+cleanup but the release of this process's ``runlock`` locks, no thread tracebacks; what was
+written atomically before stays valid. Further SIGTERMs are ignored (the first one is being
+honoured). Leaving the guard restores the previous handlers. Signal handlers can only be set
+from the main thread: elsewhere the guard does nothing (``requested`` stays False).
 
 Grace period: ``Guard(grace_seconds=N)`` (or ``guard.grace_seconds = N`` before the signal) ends
 the process on its own N seconds after the first signal if the caller has not stopped by then,
 so that a scheduler's SIGKILL (SLURM's KillWait and Kubernetes' terminationGracePeriodSeconds
 are 30 s by default) never comes first: one line on stderr (``guard.describe()``, set by the
-caller, says what was cut short and what is intact; a generic line otherwise), this process's
-``runlock`` locks are released, then ``os._exit(EXIT_INTERRUPTED)``. Only what was written
-atomically (to a temporary name, then renamed, as orbax's checkpoints) survives as finished,
-so a rerun never trusts a half-written file. The clock starts when the signal arrives, not
+caller, says what was cut short and what is intact; a generic line otherwise), then the same
+exit as a second SIGINT. Only what was written atomically (to a temporary name, then renamed,
+as orbax's checkpoints) survives as finished, so a rerun never trusts a half-written file. The clock starts when the signal arrives, not
 when Python runs the handler (which waits for a long native call, such as a train step, to
-return): a thread reads each signal from ``signal.set_wakeup_fd``. That thread also makes a
-second SIGINT stop at once during such a call. 0 = no limit (the default).
+return): a thread reads each signal from ``signal.set_wakeup_fd``. That thread is also what
+handles a second SIGINT, so it stops at once even during such a call. 0 = no limit (the default).
 
 Exit status: ``EXIT_INTERRUPTED = 75`` (EX_TEMPFAIL of sysexits.h, "try again later"). A job
 script can requeue on it, e.g. in SLURM ``python launch/train.py ... || [ $? -eq 75 ] &&
@@ -72,6 +70,7 @@ class Guard:
         self._closed = threading.Event()
 
     def _handle(self, signum: int, frame) -> None:
+        # Later signals: the watcher thread handles a second SIGINT; further SIGTERMs are ignored.
         del frame
         name = signal.Signals(signum).name
         if not self.requested:
@@ -84,10 +83,6 @@ class Guard:
                     file=sys.stderr,
                     flush=True,
                 )
-            return
-        if signum == signal.SIGINT:
-            print(f"received {name} again: stopping now", file=sys.stderr, flush=True)
-            os._exit(EXIT_INTERRUPTED)
 
     def remaining(self) -> float:
         """Seconds left before the forced exit (inf before a signal, or without a limit)."""
@@ -108,12 +103,7 @@ class Guard:
                     "progress finished; what was finished is kept; rerun the same command to "
                     "resume"
                 )  # fmt: skip
-                # On a line of its own: a progress bar may hold the current one.
-                print(f"\n{line}", file=sys.stderr, flush=True)
-                from spin_jax import runlock
-
-                runlock.release_all()  # the rerun finds the folder free, no stale lock
-                os._exit(EXIT_INTERRUPTED)
+                _exit_now(f"\n{line}")  # on a line of its own: a progress bar may hold one
             for signum in os.read(fd, 512):
                 if signum not in self.signals:
                     continue
@@ -121,8 +111,7 @@ class Guard:
                     self.deadline = time.monotonic() + self.grace_seconds
                 sigints += signum == signal.SIGINT
                 if sigints > 1:
-                    print("received SIGINT again: stopping now", file=sys.stderr, flush=True)
-                    os._exit(EXIT_INTERRUPTED)
+                    _exit_now("received SIGINT again: stopping now")
 
     def __enter__(self) -> Guard:
         if threading.current_thread() is not threading.main_thread():
@@ -155,6 +144,16 @@ class Guard:
         self._previous.clear()
         self.active = False
         self.deadline = None
+
+
+def _exit_now(line: str) -> None:
+    """Prints ``line`` and exits at once (no atexit, no joining of threads), releasing this
+    process's locks first so that the rerun finds its folder free."""
+    from spin_jax import runlock
+
+    print(line, file=sys.stderr, flush=True)
+    runlock.release_all()
+    os._exit(EXIT_INTERRUPTED)
 
 
 def exit_interrupted(message: str) -> None:

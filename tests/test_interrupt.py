@@ -140,6 +140,27 @@ def test_grace_period_ends_a_unit_that_overruns_it(tmp_path):
     assert not (tmp_path / ".lock").exists()  # released, although atexit did not run
 
 
+def test_second_sigint_during_a_native_call_exits_at_once(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", GRACE, "0", str(tmp_path)],  # no grace limit
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert time.time() - t0 < 3.0, stderr
+    assert proc.returncode == interrupt.EXIT_INTERRUPTED and "unit finished" not in stdout
+    assert "received SIGINT again: stopping now" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / ".lock").exists()
+
+
 def test_guard_restores_handlers_and_main_thread_only():
     before = signal.getsignal(signal.SIGTERM)
     with interrupt.Guard(announce=False) as guard:
