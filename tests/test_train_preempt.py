@@ -64,7 +64,7 @@ def _cmd(workdir, model_dir, folder, *extra):
         "--config.train.learning_rate=0.001",
         "--config.checkpoint.every_steps=2",
         "--config.log.every_steps=1",
-        "--config.log.grid_prompts=",
+        "--config.log.grid_prompts=()",  # no grid: nothing to sample
         *extra,
     ]
 
