@@ -26,10 +26,11 @@ so that a scheduler's SIGKILL (SLURM's KillWait and Kubernetes' terminationGrace
 are 30 s by default) never comes first: one line on stderr (``guard.describe()``, set by the
 caller, says what was cut short and what is intact; a generic line otherwise), then the same
 exit as a second SIGINT. Only what was written atomically (to a temporary name, then renamed,
-as orbax's checkpoints) survives as finished, so a rerun never trusts a half-written file. The clock starts when the signal arrives, not
-when Python runs the handler (which waits for a long native call, such as a train step, to
-return): a thread reads each signal from ``signal.set_wakeup_fd``. That thread is also what
-handles a second SIGINT, so it stops at once even during such a call. 0 = no limit (the default).
+as orbax's checkpoints) survives as finished, so a rerun never trusts a half-written file. The
+clock starts when the signal arrives, not when Python runs the handler (which waits for a long
+native call, such as a train step, to return): a thread reads each signal from
+``signal.set_wakeup_fd``. That thread is also what handles a second SIGINT, so it stops at once
+even during such a call. 0 = no limit (the default).
 
 Exit status: ``EXIT_INTERRUPTED = 75`` (EX_TEMPFAIL of sysexits.h, "try again later"). A job
 script can requeue on it, e.g. in SLURM ``python launch/train.py ... || [ $? -eq 75 ] &&
@@ -98,11 +99,15 @@ class Guard:
             if self._closed.is_set():
                 return
             if not ready:  # the grace period ran out
-                line = self.describe() if self.describe is not None else (
+                line = (
                     f"grace period of {self.grace_seconds:g} s ran out before the work in "
                     "progress finished; what was finished is kept; rerun the same command to "
                     "resume"
-                )  # fmt: skip
+                )
+                try:
+                    line = self.describe() if self.describe is not None else line
+                except Exception:  # the exit must happen even if the caller's line fails
+                    pass
                 _exit_now(f"\n{line}")  # on a line of its own: a progress bar may hold one
             for signum in os.read(fd, 512):
                 if signum not in self.signals:
@@ -116,8 +121,6 @@ class Guard:
     def __enter__(self) -> Guard:
         if threading.current_thread() is not threading.main_thread():
             return self  # signal.signal works only in the main thread
-        for s in self.signals:
-            self._previous[s] = signal.signal(s, self._handle)
         r, w = os.pipe()
         os.set_blocking(w, False)  # set_wakeup_fd needs a non-blocking fd
         self._pipe = (r, w)
@@ -126,6 +129,8 @@ class Guard:
         self._watcher = threading.Thread(target=self._watch, args=(r,), daemon=True,
                                          name="interrupt-guard")  # fmt: skip
         self._watcher.start()
+        for s in self.signals:
+            self._previous[s] = signal.signal(s, self._handle)
         self.active = True
         return self
 
