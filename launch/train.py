@@ -6,11 +6,13 @@ baseline (SFT, Diffusion-DPO, Diffusion-KTO), or PSO (offline, or online with a 
 
 Restarting the same command resumes the run. SIGTERM (a preemption) or Ctrl-C: the step in
 flight finishes, a checkpoint of it is written, and the run exits with status 75
-(spin_jax.interrupt.EXIT_INTERRUPTED); a second Ctrl-C stops at once. One run per workdir: a
-second one is refused while the first holds ``<workdir>/.lock``. On several hosts, start one
-process per host (jax.distributed is initialised from SLURM / Open MPI or
-JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); see launch/slurm.sh. A config with
-``toy_eval.enabled`` (the demo presets) ends with the toy world's judge table.
+(spin_jax.interrupt.EXIT_INTERRUPTED), at the latest ``checkpoint.grace_seconds`` after the
+signal (then without that checkpoint; one line names the newest intact one); a second Ctrl-C
+stops at once. One run per workdir: a second one is refused while the first holds
+``<workdir>/.lock``. On several hosts, start one process per host (jax.distributed is
+initialised from SLURM / Open MPI or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID); see launch/slurm.sh. A config with ``toy_eval.enabled`` (the demo presets)
+ends with the toy world's judge table.
 """
 
 from absl import flags

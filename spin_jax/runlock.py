@@ -12,7 +12,9 @@ that no longer runs (killed, OOM, power loss) is taken over with a warning; a lo
 host is never taken over automatically (its pid cannot be checked from here): the message says
 which file to delete once that run is known to be gone. ``enabled=False`` (every process but 0
 of a multi-host run) does nothing. The lock is released on normal exit and on exceptions (the
-context manager), and at interpreter exit (``atexit``) for a lock that was never released.
+context manager), and at interpreter exit (``atexit``) for a lock that was never released;
+``release_all()`` releases this process's locks before an exit that skips ``atexit`` (the forced
+exit of ``spin_jax.interrupt`` when a grace period runs out).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import time
 LOCK_FILE = ".lock"
 
 log = logging.getLogger("spin_jax")
+_held: set[Lock] = set()  # this process's held locks (release_all)
 
 
 class LockedError(RuntimeError):
@@ -97,6 +100,7 @@ class Lock:
         self._held = path is not None
         if self._held:
             atexit.register(self.release)
+            _held.add(self)
 
     @property
     def held(self) -> bool:
@@ -107,6 +111,7 @@ class Lock:
             return
         self._held = False
         atexit.unregister(self.release)
+        _held.discard(self)
         current = _read(self.path)
         # Only remove our own lock (it may have been removed and retaken by hand).
         if (
@@ -127,6 +132,12 @@ class Lock:
 
     def __repr__(self) -> str:
         return f"Lock({self.path!r}, held={self._held})"
+
+
+def release_all() -> None:
+    """Releases every lock this process holds (before ``os._exit``, which skips ``atexit``)."""
+    for lock in list(_held):
+        lock.release()
 
 
 def acquire(folder: str, *, what: str = "workdir", enabled: bool = True) -> Lock:

@@ -98,6 +98,69 @@ def test_second_sigint_exits_at_once(tmp_path):
     assert "again: stopping now" in stderr and "Traceback" not in stderr
 
 
+GRACE = textwrap.dedent(
+    """
+    import hashlib, sys, time
+    from spin_jax import interrupt, runlock
+    lock = runlock.acquire(sys.argv[2])
+    t0 = time.time()
+    hashlib.pbkdf2_hmac("sha256", b"x", b"salt", 20000)
+    n = int(20000 * 6.0 / max(time.time() - t0, 1e-6))  # one native call of about 6 s
+    with interrupt.Guard(grace_seconds=float(sys.argv[1])) as guard:
+        print("ready", flush=True)
+        # The unit in flight: C code holding no Python frame, so Python's handler waits for it.
+        hashlib.pbkdf2_hmac("sha256", b"x", b"salt", n)
+    print("unit finished", flush=True)
+    """
+)
+
+
+def test_grace_period_ends_a_unit_that_overruns_it(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", GRACE, "0.5", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.2)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    # The clock starts when the signal arrives, not when the native call returns (about 6 s).
+    assert time.time() - t0 < 3.0, stderr
+    assert proc.returncode == interrupt.EXIT_INTERRUPTED
+    assert "unit finished" not in stdout and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "grace period of 0.5 s ran out before the work in progress finished; what was "
+        "finished is kept; rerun the same command to resume"
+    )
+    assert not (tmp_path / ".lock").exists()  # released, although atexit did not run
+
+
+def test_second_sigint_during_a_native_call_exits_at_once(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", GRACE, "0", str(tmp_path)],  # no grace limit
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert time.time() - t0 < 3.0, stderr
+    assert proc.returncode == interrupt.EXIT_INTERRUPTED and "unit finished" not in stdout
+    assert "received SIGINT again: stopping now" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / ".lock").exists()
+
+
 def test_guard_restores_handlers_and_main_thread_only():
     before = signal.getsignal(signal.SIGTERM)
     with interrupt.Guard(announce=False) as guard:

@@ -6,6 +6,8 @@ a field means the same thing in every config and ``--config.x.y=value`` works ev
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from spin_jax.train import objectives
@@ -114,6 +116,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 100
     c.checkpoint.max_to_keep = 2  # step checkpoints per round; a saved round end is always kept
     c.checkpoint.every_rounds = 1  # save the end of every n-th round (and of the last)
+    # After SIGTERM / Ctrl-C, the run ends on its own this many seconds later even if the
+    # checkpoint of the step in flight is not written by then (the newest intact one is kept),
+    # ahead of the scheduler's SIGKILL (SLURM KillWait, Kubernetes terminationGracePeriodSeconds:
+    # 30 s by default). 0: no limit.
+    c.checkpoint.grace_seconds = 25.0
 
     c.log = ml_collections.ConfigDict()
     c.log.every_steps = 10
@@ -223,6 +230,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
              "which must be saved: use 1")  # fmt: skip
     if c.seppo.reference not in objectives.REFERENCE_CHOICES:
         fail("seppo.reference", f"must be one of {objectives.REFERENCE_CHOICES}")
+    grace = c.checkpoint.get("grace_seconds", 0.0)
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace < math.inf:
+        fail("checkpoint.grace_seconds", "must be a number of seconds >= 0 (0: no limit)")
     if float(c.loss.sft_weight) < 0:
         fail("loss.sft_weight", "must be >= 0")
     if c.objective.startswith("pso"):

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from spin_jax import parallel, platform, runlock
+from spin_jax import interrupt, parallel, platform, runlock
 from spin_jax.data.latent_cache import sample_latents
 from spin_jax.files import write_json
 from spin_jax.models import lora
@@ -47,7 +47,8 @@ from spin_jax.train.state import TrainState, state_sharding
 from spin_jax.train.step import jit_train_step, make_train_step
 
 say = metrics_lib.say
-RESTART_FREE = ("overwrite",)  # settings that may differ between a run and its restart
+# Settings that may differ between a run and its restart (they change no output).
+RESTART_FREE = ("overwrite", "checkpoint.grace_seconds")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -230,10 +231,34 @@ def run(config: ml_collections.ConfigDict, workdir: str, guard: Any = None,
 
     ``guard`` (an ``interrupt.Guard``): when it reports a SIGTERM / SIGINT the run writes a
     checkpoint of the step it is at (or keeps the finished rollout / cache shards) and raises
-    ``Interrupted`` saying where it stopped; the same command resumes."""
+    ``Interrupted`` saying where it stopped; the same command resumes. If that takes longer
+    than ``checkpoint.grace_seconds`` after the signal, the guard ends the process with one
+    line saying what was cut short and which checkpoint is the newest intact one (exit 75)."""
     config_lib.validate(config)
     with runlock.acquire(workdir, what="workdir", enabled=metrics_lib.is_main()):
         return _run(config, workdir, guard, reward_fn)
+
+
+def _grace(guard: Any, config: ml_collections.ConfigDict, workdir: str):
+    """Arms ``guard``'s grace period from the config; returns ``note(doing)``, which records
+    what the run is heading for, for the line printed if the grace period runs out."""
+    doing = ["the work in progress stopped"]
+
+    def note(what: str) -> None:
+        doing[0] = what
+
+    if not isinstance(guard, interrupt.Guard):
+        return note
+    guard.grace_seconds = float(config.checkpoint.get("grace_seconds", 0.0))
+
+    def line() -> str:
+        found = checkpoints.latest(workdir, int(config.iterations))
+        newest = "none" if found is None else f"iteration {found[0]} step {found[1]}"
+        return (f"grace period of {guard.grace_seconds:g} s ran out before {doing[0]}; the "
+                f"newest intact checkpoint is {newest}; rerun the same command to resume")  # fmt: skip
+
+    guard.describe = line
+    return note
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any,
@@ -241,6 +266,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any,
     from spin_jax.models import load_pretrained
 
     c = config
+    note = _grace(guard, config, workdir)
     objective = objectives.get(c.objective)
     mesh = parallel.make_mesh(c.mesh.data, c.mesh.fsdp)
     accum, accum_why = config_lib.accumulation(c, parallel.data_parallel_size(mesh))
@@ -281,6 +307,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any,
         pso.check_guidance(c, sd)
         data = pso.open_prompts(c, objective)
     else:
+        note("the latent cache build stopped (its finished shards are kept)")
         data = batches.open_data(c, objective, workdir, sd, barrier, local, stop)
     writer = metrics_lib.MetricWriter(workdir)
     _report(c, objective, mesh, data, accum_why, f"{c.model.dtype} compute, {dtype_why}", sd)
@@ -338,6 +365,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any,
         if not objective.continuous and start == 0 and k > 1:
             state = TrainState.create(state.params, tx, mesh=mesh)  # a fresh optimizer
         ro = None
+        note(f"the rollout of iteration {k} stopped (its finished shards are kept)")
         if online:
             ro = pso.roll_out_pairs(
                 config=c, sd=sd, policy=lambda st=state: _policy_unet(st, refs), round_=k,
@@ -372,7 +400,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: Any,
         beta = config_lib.beta_for_iteration(c, k - 1)
         state, last, means, t_train = _train_round(c, workdir, objective, data, sd, mesh, writer, step_jit,
                                             state, ref, text, ro, k, start, beta, ref_round,
-                                            stop, (t_rollout, float(before.get("train", 0.0))))  # fmt: skip
+                                            stop, (t_rollout, float(before.get("train", 0.0))), note)  # fmt: skip
+        note(f"the grid and summary of iteration {k} were written")
         summary = _finish_round(c, objective, sd, workdir, state, k, ref_round, beta, last,
                                 means, t_rollout, t_train, refs)  # fmt: skip
         summaries.append(summary)
@@ -391,9 +420,10 @@ def _ref_name(ref_round: int | None) -> str:
 
 
 def _train_round(c, workdir, objective, data, sd, mesh, writer, step_jit, state, ref, text, ro,
-                 k, start, beta, ref_round, stop=None, seconds=(0.0, 0.0)):  # fmt: skip
+                 k, start, beta, ref_round, stop=None, seconds=(0.0, 0.0), note=None):  # fmt: skip
     """``seconds``: (the round's rollout time, its train time in earlier attempts); both are
-    kept in the checkpoints' meta so a resumed round's summary counts every attempt."""
+    kept in the checkpoints' meta so a resumed round's summary counts every attempt.
+    ``note(doing)``: told which checkpoint the step in flight heads for (``_grace``)."""
     t_rollout, t_before = seconds
     steps = int(c.train.steps)
     n_rounds = int(c.iterations)
@@ -407,6 +437,8 @@ def _train_round(c, workdir, objective, data, sd, mesh, writer, step_jit, state,
     logged: list[dict[str, float]] = []  # this attempt's logged rows, for the round's means
     last_step = start
     for s in range(start, steps):
+        if note is not None:
+            note(f"the checkpoint of iteration {k} step {s + 1} was written")
         if isinstance(ro, pso.OnlinePairs):
             local = ro.read_batch(c, k, s, mesh, sd.tokenize, data.captions,
                                   time_ids=sd.family.pooled)  # fmt: skip
