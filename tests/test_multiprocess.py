@@ -1,6 +1,6 @@
 # ruff: noqa: F811  (the fixtures imported from test_trainer are parameters here)
 """Two processes with jax.distributed (CPU, gloo) give the update of one process; launch/train.py
-as two processes (SPIN, SePPO, DPO) equals one; a dead or failing process stops the other."""
+as two processes (SPIN, SePPO, DPO, online PSO) equals one; a dead or failing process stops the other."""
 
 import os
 import signal
@@ -288,3 +288,30 @@ def test_heartbeat_seconds(monkeypatch):
     monkeypatch.setenv(parallel.HEARTBEAT_ENV, "soon")
     with pytest.raises(ValueError, match="SPIN_JAX_HEARTBEAT_SECONDS='soon'"):
         parallel.heartbeat_seconds()
+
+
+def test_online_pso_on_two_processes_equals_one(parquet, tmp_path):  # noqa: F811
+    """configs/pso.py:online (tiny SDXL-Turbo, tiny PickScore): each process samples and scores
+    its own shards of a round's pairs, both train on all of them; two processes of one device
+    end with the weights of one process with two devices."""
+    from test_pso_resume import _cmd as pso_cmd
+    from tiny_sd import WORDS, make_tiny_sdxl
+
+    from spin_jax.eval.tiny import write_tiny_scorers
+    from spin_jax.models import load_pretrained
+    from spin_jax.train import checkpoints
+
+    model = make_tiny_sdxl(str(tmp_path / "turbo"), "turbo")
+    scorer = write_tiny_scorers(str(tmp_path / "scorers"), words=WORDS)["pickscore"]["model"]
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    _run_one(pso_cmd(one, model, parquet, scorer))
+    _run_two(pso_cmd(two, model, parquet, scorer), tmp_path, "pso")
+    for run in (one, two):
+        assert os.path.isfile(os.path.join(run, "iteration_2", "summary.json"))
+    base = load_pretrained(model).params["unet"]
+    a = jax.tree.leaves(checkpoints.load_iteration_params(one, 2, base))
+    b = jax.tree.leaves(checkpoints.load_iteration_params(two, 2, base))
+    assert any(np.abs(np.asarray(x) - np.asarray(y)).max() > 1e-4
+               for x, y in zip(a, jax.tree.leaves(base), strict=True))  # fmt: skip
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=0)
