@@ -300,6 +300,10 @@ def single_process(command: str, job: str) -> bool:
 # over the service's key-value store: it bumps a beat counter, watches the others' counters and
 # status keys, and on a silent or failed peer writes one line and leaves with os._exit(1). JAX's
 # own heartbeat timeout is kept at least twice ours so that the watchdog speaks first.
+# Not so for process 0, which hosts the service: when it dies, the others' clients see the
+# service's socket close within milliseconds and abort from C++ (jax 0.10 has no option against
+# it; a Python missed_heartbeat_callback dies with std::bad_cast, and a watchdog thread blocked in
+# a key-value get wins the race only sometimes), so that case keeps JAX's message (README).
 
 HEARTBEAT_ENV = "SPIN_JAX_HEARTBEAT_SECONDS"
 DEFAULT_HEARTBEAT_SECONDS = 30.0

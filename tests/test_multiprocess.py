@@ -1,6 +1,7 @@
 # ruff: noqa: F811  (the fixtures imported from test_trainer are parameters here)
 """Two processes with jax.distributed (CPU, gloo) give the update of one process; launch/train.py
-as two processes (SPIN, SePPO, DPO, online PSO) equals one; export / evaluate under a launcher; a dead or failing process stops the other."""
+as two processes (SPIN, SePPO, DPO, online PSO) equals one; a dead or failing process stops the
+other; launch/export.py and launch/evaluate.py under a multi-process launcher run on process 0."""
 
 import os
 import signal
@@ -252,7 +253,9 @@ import numpy as np
 try:
     for i in range(200):
         multihost_utils.process_allgather(np.ones(2))
-        if i == 5 and sys.argv[1] == "1":
+        if i == 0:
+            print("connected", flush=True)
+        if i == 5 and sys.argv[1] == sys.argv[3]:
             raise FileNotFoundError("config.data.path: /nowhere does not exist")
         time.sleep(0.05)
 except FileNotFoundError as e:
@@ -260,11 +263,12 @@ except FileNotFoundError as e:
 """
 
 
-def test_error_on_one_process_stops_the_other_with_its_message(tmp_path):
+@pytest.mark.parametrize("failing", [1, 0])  # 0: the coordinator, which holds the store
+def test_error_on_one_process_stops_the_other_with_its_message(tmp_path, failing):
     port = str(_free_port())
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
                XLA_FLAGS="--xla_force_host_platform_device_count=1")  # fmt: skip
-    procs = [subprocess.Popen([sys.executable, "-c", _FAILING, str(i), port], env=env,
+    procs = [subprocess.Popen([sys.executable, "-c", _FAILING, str(i), port, str(failing)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for i in range(2)]  # fmt: skip
     try:
@@ -272,10 +276,40 @@ def test_error_on_one_process_stops_the_other_with_its_message(tmp_path):
     finally:
         _kill(procs)
     assert [p.returncode for p in procs] == [1, 1], errs
-    assert errs[1].strip().splitlines()[-1] == "error: config.data.path: /nowhere does not exist"
-    assert errs[0].strip().splitlines()[-1] == (
-        "error: process 1 of 2 failed (config.data.path: /nowhere does not exist); stopping"
+    other = 1 - failing
+    assert errs[failing].strip().splitlines()[-1] == (
+        "error: config.data.path: /nowhere does not exist"
     )
+    assert errs[other].strip().splitlines() == [
+        f"error: process {failing} of 2 failed (config.data.path: /nowhere does not exist); "
+        "stopping"
+    ]
+
+
+def test_killed_coordinator_stops_the_other(tmp_path):
+    """SIGKILL of process 0 (it hosts JAX's coordination service): process 1 stops at once, but
+    with JAX's own abort (SIGABRT and its multi-line message: jax 0.10's client calls a C++ fatal
+    error handler on the lost service, which cannot be replaced from Python; README)."""
+    port = str(_free_port())
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, "-c", _FAILING, str(i), port, "-1"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]  # fmt: skip
+    try:
+        for line in procs[1].stdout:  # gloo says its own words on stdout first
+            if line.strip() == "connected":
+                break
+        assert procs[1].poll() is None, procs[1].communicate()[1]
+        procs[0].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        try:
+            err = procs[1].communicate(timeout=60)[1]
+        except subprocess.TimeoutExpired:
+            pytest.fail("process 1 still runs a minute after process 0 was killed")
+    finally:
+        _kill(procs)
+    assert procs[1].returncode != 0 and time.monotonic() - killed_at < 60, err
 
 
 def test_heartbeat_seconds(monkeypatch):
