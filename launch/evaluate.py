@@ -12,7 +12,9 @@ refuses a restart with other sampling settings or other files behind a model nam
 workdir, or --overwrite (deletes the earlier outputs first). One evaluation writes a workdir at a
 time (<workdir>/.lock). SIGTERM or Ctrl-C stops after the batch in flight, keeps what is
 finished and exits with status 75 (rerun to resume); a second Ctrl-C stops at once.
-See configs/eval.py for the fields and the scorer weights.
+See configs/eval.py for the fields and the scorer weights. Started as several processes
+(JAX_PROCESS_ID / Slurm / Open MPI, as launch/train.py): process 0 evaluates alone, on its own
+devices, and writes the workdir; the others exit 0 at once and write nothing.
 """
 
 import logging
@@ -36,12 +38,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    from spin_jax import interrupt, runlock
+    from spin_jax import interrupt, parallel, runlock
     from spin_jax.eval import evaluate
     from spin_jax.models.convert import WeightMismatchError
 
     logging.getLogger("spin_jax").setLevel(logging.INFO)
     try:
+        if not parallel.single_process("launch/evaluate.py", "the evaluation"):
+            return  # a multi-process launch: process 0 evaluates and writes, the others nothing
         summary = evaluate.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
     except (ValueError, FileNotFoundError, WeightMismatchError, runlock.LockedError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -12,6 +12,9 @@ A LoRA run (model.lora.rank > 0) writes OUT/pytorch_lora_weights.safetensors ins
 layout diffusers' save_lora_weights writes (alpha in its metadata), so
 pipe.load_lora_weights(OUT) loads it; --merge writes the whole pipeline with the adapter merged
 (for a full fine-tuning run --merge changes nothing: the pipeline is what it writes anyway).
+
+Started as several processes (JAX_PROCESS_ID / Slurm / Open MPI, as launch/train.py): process 0
+writes the export alone, the others exit 0 at once and write nothing.
 """
 
 import json
@@ -92,7 +95,11 @@ def export(workdir: str, iteration: int, out: str, merge: bool = False,
 
 def main(argv):
     del argv
+    from spin_jax import parallel
+
     try:
+        if not parallel.single_process("launch/export.py", "the export"):
+            return  # a multi-process launch: process 0 writes the export, the others nothing
         path = export(_WORKDIR.value, _ITERATION.value, _OUT.value, merge=_MERGE.value,
                       overwrite=_OVERWRITE.value)  # fmt: skip
     except (FileNotFoundError, ValueError) as e:  # CheckpointReadError names the broken file

@@ -255,6 +255,41 @@ def init_distributed(
     return False
 
 
+def launch_position() -> tuple[int, int]:
+    """``(index, count)`` of this process in a multi-process launch as its environment says
+    (``JAX_PROCESS_ID`` / ``JAX_NUM_PROCESSES``, else Slurm's ``SLURM_PROCID`` / ``SLURM_NTASKS``,
+    else Open MPI's), without starting ``jax.distributed``; ``(0, 1)`` for a single process."""
+    for index, count in (
+        ("JAX_PROCESS_ID", "JAX_NUM_PROCESSES"),
+        ("SLURM_PROCID", "SLURM_NTASKS"),
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+    ):
+        n = _env_int(count)
+        if n is not None and n > 1:
+            i = _env_int(index) or 0
+            if not 0 <= i < n:
+                raise ValueError(f"environment variable {index}={i} not in [0, {count}={n})")
+            return i, n
+    return 0, 1
+
+
+def single_process(command: str, job: str) -> bool:
+    """For a command that runs as one process (export, evaluation) but was started by a
+    multi-process launcher: True on process 0, which runs ``job`` alone on its own devices
+    (``jax.distributed`` is not started), False on the others, which write nothing. Each says
+    so in one line on stderr; True as well for a single process (silently)."""
+    index, count = launch_position()
+    if count == 1:
+        return True
+    if index:
+        print(f"{command}: process {index} of {count} does nothing; {job} runs on process 0 "
+              "alone", file=sys.stderr, flush=True)  # fmt: skip
+        return False
+    print(f"{command}: started as {count} processes; {job} runs on this one (process 0) alone, "
+          "on its own devices", file=sys.stderr, flush=True)  # fmt: skip
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # Bounded failure of multi-process runs.
 #
@@ -265,6 +300,10 @@ def init_distributed(
 # over the service's key-value store: it bumps a beat counter, watches the others' counters and
 # status keys, and on a silent or failed peer writes one line and leaves with os._exit(1). JAX's
 # own heartbeat timeout is kept at least twice ours so that the watchdog speaks first.
+# Not so for process 0, which hosts the service: when it dies, the others' clients see the
+# service's socket close within milliseconds and abort from C++ (jax 0.10 has no option against
+# it; a Python missed_heartbeat_callback dies with std::bad_cast, and a watchdog thread blocked in
+# a key-value get wins the race only sometimes), so that case keeps JAX's message (README).
 
 HEARTBEAT_ENV = "SPIN_JAX_HEARTBEAT_SECONDS"
 DEFAULT_HEARTBEAT_SECONDS = 30.0

@@ -1,6 +1,7 @@
 # ruff: noqa: F811  (the fixtures imported from test_trainer are parameters here)
 """Two processes with jax.distributed (CPU, gloo) give the update of one process; launch/train.py
-as two processes (SPIN, SePPO, DPO) equals one; a dead or failing process stops the other."""
+as two processes (SPIN, SePPO, DPO, online PSO) equals one; a dead or failing process stops the
+other; launch/export.py and launch/evaluate.py under a multi-process launcher run on process 0."""
 
 import os
 import signal
@@ -252,7 +253,9 @@ import numpy as np
 try:
     for i in range(200):
         multihost_utils.process_allgather(np.ones(2))
-        if i == 5 and sys.argv[1] == "1":
+        if i == 0:
+            print("connected", flush=True)
+        if i == 5 and sys.argv[1] == sys.argv[3]:
             raise FileNotFoundError("config.data.path: /nowhere does not exist")
         time.sleep(0.05)
 except FileNotFoundError as e:
@@ -260,11 +263,12 @@ except FileNotFoundError as e:
 """
 
 
-def test_error_on_one_process_stops_the_other_with_its_message(tmp_path):
+@pytest.mark.parametrize("failing", [1, 0])  # 0: the coordinator, which holds the store
+def test_error_on_one_process_stops_the_other_with_its_message(tmp_path, failing):
     port = str(_free_port())
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
                XLA_FLAGS="--xla_force_host_platform_device_count=1")  # fmt: skip
-    procs = [subprocess.Popen([sys.executable, "-c", _FAILING, str(i), port], env=env,
+    procs = [subprocess.Popen([sys.executable, "-c", _FAILING, str(i), port, str(failing)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for i in range(2)]  # fmt: skip
     try:
@@ -272,10 +276,40 @@ def test_error_on_one_process_stops_the_other_with_its_message(tmp_path):
     finally:
         _kill(procs)
     assert [p.returncode for p in procs] == [1, 1], errs
-    assert errs[1].strip().splitlines()[-1] == "error: config.data.path: /nowhere does not exist"
-    assert errs[0].strip().splitlines()[-1] == (
-        "error: process 1 of 2 failed (config.data.path: /nowhere does not exist); stopping"
+    other = 1 - failing
+    assert errs[failing].strip().splitlines()[-1] == (
+        "error: config.data.path: /nowhere does not exist"
     )
+    assert errs[other].strip().splitlines() == [
+        f"error: process {failing} of 2 failed (config.data.path: /nowhere does not exist); "
+        "stopping"
+    ]
+
+
+def test_killed_coordinator_stops_the_other(tmp_path):
+    """SIGKILL of process 0 (it hosts JAX's coordination service): process 1 stops at once, but
+    with JAX's own abort (SIGABRT and its multi-line message: jax 0.10's client calls a C++ fatal
+    error handler on the lost service, which cannot be replaced from Python; README)."""
+    port = str(_free_port())
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, "-c", _FAILING, str(i), port, "-1"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]  # fmt: skip
+    try:
+        for line in procs[1].stdout:  # gloo says its own words on stdout first
+            if line.strip() == "connected":
+                break
+        assert procs[1].poll() is None, procs[1].communicate()[1]
+        procs[0].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        try:
+            err = procs[1].communicate(timeout=60)[1]
+        except subprocess.TimeoutExpired:
+            pytest.fail("process 1 still runs a minute after process 0 was killed")
+    finally:
+        _kill(procs)
+    assert procs[1].returncode != 0 and time.monotonic() - killed_at < 60, err
 
 
 def test_heartbeat_seconds(monkeypatch):
@@ -288,3 +322,146 @@ def test_heartbeat_seconds(monkeypatch):
     monkeypatch.setenv(parallel.HEARTBEAT_ENV, "soon")
     with pytest.raises(ValueError, match="SPIN_JAX_HEARTBEAT_SECONDS='soon'"):
         parallel.heartbeat_seconds()
+
+
+def test_online_pso_on_two_processes_equals_one(parquet, tmp_path):  # noqa: F811
+    """configs/pso.py:online (tiny SDXL-Turbo, tiny PickScore): each process samples and scores
+    its own shards of a round's pairs, both train on all of them; two processes of one device
+    end with the weights of one process with two devices."""
+    from test_pso_resume import _cmd as pso_cmd
+    from tiny_sd import WORDS, make_tiny_sdxl
+
+    from spin_jax.eval.tiny import write_tiny_scorers
+    from spin_jax.models import load_pretrained
+    from spin_jax.train import checkpoints
+
+    model = make_tiny_sdxl(str(tmp_path / "turbo"), "turbo")
+    scorer = write_tiny_scorers(str(tmp_path / "scorers"), words=WORDS)["pickscore"]["model"]
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    _run_one(pso_cmd(one, model, parquet, scorer))
+    _run_two(pso_cmd(two, model, parquet, scorer), tmp_path, "pso")
+    for run in (one, two):
+        assert os.path.isfile(os.path.join(run, "iteration_2", "summary.json"))
+    base = load_pretrained(model).params["unet"]
+    a = jax.tree.leaves(checkpoints.load_iteration_params(one, 2, base))
+    b = jax.tree.leaves(checkpoints.load_iteration_params(two, 2, base))
+    assert any(np.abs(np.asarray(x) - np.asarray(y)).max() > 1e-4
+               for x, y in zip(a, jax.tree.leaves(base), strict=True))  # fmt: skip
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch/export.py and launch/evaluate.py started by a multi-process launcher: process 0 does the
+# whole job alone, the others write nothing.
+
+
+def _as_process(i, cmd):
+    """``cmd`` as process ``i`` of 2 of a launcher (None: a plain command), one CPU device."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")  # fmt: skip
+    if i is not None:
+        env.update(JAX_COORDINATOR_ADDRESS="127.0.0.1:1", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(i))  # fmt: skip
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _files(folder):
+    out = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out
+
+
+def test_export_and_evaluate_started_as_two_processes(tmp_path):
+    """Process 1 exits 0 at once with one line and writes nothing; process 0 (no coordinator
+    needed: jax.distributed is not started) writes what one process writes."""
+    import json
+
+    import orbax.checkpoint as ocp
+    from tiny_sd import WORDS, make_tiny_sd
+
+    from spin_jax.eval.tiny import write_tiny_scorers
+    from spin_jax.models import load_pretrained
+
+    sd_dir = make_tiny_sd(str(tmp_path / "sd"), "sd1")
+    run = tmp_path / "run"  # a finished one-iteration run: the base UNet, perturbed
+    unet = jax.tree.map(lambda x: np.asarray(x) * 1.05, load_pretrained(sd_dir).params["unet"])
+    with ocp.CheckpointManager(str(run / "iteration_1" / "checkpoints")) as m:
+        m.save(3, args=ocp.args.Composite(params=ocp.args.StandardSave(unet)))
+        m.wait_until_finished()
+    (run / "config.json").write_text(json.dumps({"model": {"path": sd_dir}, "iterations": 1}))
+    (run / "iteration_1" / "summary.json").write_text("{}")
+
+    export = lambda out: [sys.executable, "launch/export.py", f"--workdir={run}",  # noqa: E731
+                          "--iteration=1", f"--out={out}"]  # fmt: skip
+    one, two = tmp_path / "export_one", tmp_path / "export_two"
+    single = _as_process(None, export(one))
+    assert single.returncode == 0, single.stderr[-3000:]
+    p1 = _as_process(1, export(two))
+    assert p1.returncode == 0 and not two.exists(), p1.stderr[-3000:]
+    assert p1.stderr.strip() == (
+        "launch/export.py: process 1 of 2 does nothing; the export runs on process 0 alone"
+    )
+    p0 = _as_process(0, export(two))
+    assert p0.returncode == 0, p0.stderr[-3000:]
+    assert "started as 2 processes; the export runs on this one (process 0) alone" in p0.stderr
+    assert _files(one) == _files(two) and "unet/diffusion_pytorch_model.safetensors" in _files(one)
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog on the left\na photo of a square\n")
+    pick = write_tiny_scorers(str(tmp_path / "scorers"), WORDS)["pickscore"]
+    evaluate = lambda w: [  # noqa: E731
+        sys.executable, "launch/evaluate.py", "--config=configs/eval.py", f"--workdir={w}",
+        f"--config.models=base={sd_dir},tuned={run}@1", "--config.prompts.source=text",
+        f"--config.prompts.path={prompts}", "--config.sample.num_steps=2",
+        "--config.sample.height=16", "--config.sample.width=16", "--config.sample.batch_size=2",
+        "--config.scorers.metrics=pickscore", "--config.scorers.weights_dir=",
+        f"--config.scorers.pickscore.model={pick['model']}",
+        f"--config.scorers.pickscore.tokenizer={pick['tokenizer']}",
+        "--config.report.resamples=50", "--config.report.grid_image_size=0",
+    ]  # fmt: skip
+    one, two = tmp_path / "eval_one", tmp_path / "eval_two"
+    single = _as_process(None, evaluate(one))
+    assert single.returncode == 0, single.stderr[-3000:]
+    p1 = _as_process(1, evaluate(two))
+    assert p1.returncode == 0 and not two.exists(), p1.stderr[-3000:]
+    assert p1.stderr.strip() == (
+        "launch/evaluate.py: process 1 of 2 does nothing; the evaluation runs on process 0 alone"
+    )
+    p0 = _as_process(0, evaluate(two))
+    assert p0.returncode == 0, p0.stderr[-3000:]
+    a, b = _files(one), _files(two)
+    assert sorted(a) == sorted(b) and "report.json" in a
+    for name in a:  # the same images, scores and report (but for the workdir's name)
+        if name.endswith(".png"):
+            assert a[name] == b[name], name
+        elif name.startswith("scores/"):
+            assert json.loads(a[name])["scores"] == json.loads(b[name])["scores"], name
+    report = [
+        json.loads(x["report.json"].replace(str(w).encode(), b"")) for x, w in ((a, one), (b, two))
+    ]
+    assert report[0] == report[1]
+
+
+def test_launch_position(monkeypatch):
+    from spin_jax import parallel
+
+    for name in ("JAX_PROCESS_ID", "JAX_NUM_PROCESSES", "SLURM_PROCID", "SLURM_NTASKS",
+                 "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    assert parallel.launch_position() == (0, 1)
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # one task of an allocation: a single process
+    assert parallel.launch_position() == (0, 1)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    assert parallel.launch_position() == (3, 4)
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")  # JAX's variables first, as init_distributed
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    assert parallel.launch_position() == (1, 2)
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    with pytest.raises(ValueError, match=r"JAX_PROCESS_ID=2 not in \[0, JAX_NUM_PROCESSES=2\)"):
+        parallel.launch_position()
