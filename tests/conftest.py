@@ -22,6 +22,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
+# Trainer fixtures: a tiny SD 1.x pipeline and a folder of shapes (test_trainer, test_train_preempt)
+
+
+@pytest.fixture(scope="module")
+def sd1_model_dir(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from tiny_sd import make_tiny_sd
+
+    return make_tiny_sd(str(tmp_path_factory.mktemp("model")), "sd1")
+
+
+@pytest.fixture(scope="module")
+def shapes_folder(tmp_path_factory):
+    """16 clean 16-px shape images with captions (an imagefolder)."""
+    from spin_jax.toy.shapes import write_imagefolder
+
+    path = str(tmp_path_factory.mktemp("shapes"))
+    write_imagefolder(path, "clean", 16, seed=0, size=16)
+    return path
+
+
 # Fixtures of the toy demo and the toy benchmark ---------------------------------------------
 
 

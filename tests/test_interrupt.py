@@ -115,9 +115,10 @@ GRACE = textwrap.dedent(
 )
 
 
-def test_grace_period_ends_a_unit_that_overruns_it(tmp_path):
+def _start_grace_child(grace, tmp_path):
+    """The GRACE script in a child, returned once its unit of work is in flight."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", GRACE, "0.5", str(tmp_path)],
+        [sys.executable, "-c", GRACE, str(grace), str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -125,6 +126,11 @@ def test_grace_period_ends_a_unit_that_overruns_it(tmp_path):
         env=dict(os.environ, PYTHONPATH=ROOT),
     )
     assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_grace_period_ends_a_unit_that_overruns_it(tmp_path):
+    proc = _start_grace_child(0.5, tmp_path)
     time.sleep(0.2)
     t0 = time.time()
     proc.send_signal(signal.SIGTERM)
@@ -141,15 +147,7 @@ def test_grace_period_ends_a_unit_that_overruns_it(tmp_path):
 
 
 def test_second_sigint_during_a_native_call_exits_at_once(tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-c", GRACE, "0", str(tmp_path)],  # no grace limit
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=ROOT),
-    )
-    assert proc.stdout.readline().strip() == "ready"
+    proc = _start_grace_child(0, tmp_path)  # no grace limit
     t0 = time.time()
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)

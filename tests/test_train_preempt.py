@@ -27,20 +27,13 @@ ENV = dict(
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    pytest.importorskip("diffusers")
-    from tiny_sd import make_tiny_sd
-
-    return make_tiny_sd(str(tmp_path_factory.mktemp("model")), "sd1")
+def model_dir(sd1_model_dir):
+    return sd1_model_dir
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    from spin_jax.toy.shapes import write_imagefolder
-
-    path = str(tmp_path_factory.mktemp("shapes"))
-    write_imagefolder(path, "clean", 16, seed=0, size=16)
-    return path
+def folder(shapes_folder):
+    return shapes_folder
 
 
 def _cmd(workdir, model_dir, folder, *extra):

@@ -11,7 +11,6 @@ import time
 import jax
 import numpy as np
 import pytest
-from tiny_sd import make_tiny_sd
 
 from spin_jax.train import checkpoints, loop
 from spin_jax.train.config import base_config
@@ -20,17 +19,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_sd(str(tmp_path_factory.mktemp("model")), "sd1")
+def model_dir(sd1_model_dir):
+    return sd1_model_dir
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    from spin_jax.toy.shapes import write_imagefolder
-
-    path = str(tmp_path_factory.mktemp("shapes"))
-    write_imagefolder(path, "clean", 16, seed=0, size=16)
-    return path
+def folder(shapes_folder):
+    return shapes_folder
 
 
 @pytest.fixture(scope="module")
