@@ -80,10 +80,11 @@ def test_whole_run_on_two_processes(tmp_path):
     command as one process with two devices: both finish every round with the same weights."""
     import test_trainer as TT
     from test_loop import _train_cmd
+    from tiny_sd import make_tiny_sd
 
     from spin_jax.models import load_pretrained
 
-    model_dir = TT.make_tiny_sd(str(tmp_path / "model"), "sd1")
+    model_dir = make_tiny_sd(str(tmp_path / "model"), "sd1")
     from spin_jax.toy.shapes import write_imagefolder
 
     folder = str(tmp_path / "shapes")
