@@ -1,6 +1,7 @@
 """Loading weights at disk speed: memory-mapped safetensors, NumPy layouts, one device transfer."""
 
 import json
+import mmap
 import os
 import sys
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from spin_jax.models import convert, load_pretrained
+from spin_jax.models import convert, load_pretrained, weights
 from spin_jax.models.weights import map_safetensors, read_tensors
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
@@ -119,6 +120,46 @@ def test_materialize_aligns_every_leaf():
     for k, v in out.items():
         assert v.ctypes.data % 64 == 0 and v.flags.c_contiguous
         np.testing.assert_array_equal(v, leaves[k].astype(np.float32))
+
+
+def test_large_buffers_are_aligned_writable_mappings():
+    big = convert.allocate(64 << 20)  # the size from which a mapping is used
+    small = convert.allocate(1000)
+    for buf, n in ((big, 64 << 20), (small, 1000)):
+        assert buf.nbytes == n and buf.ctypes.data % 64 == 0 and buf.flags.writeable
+        buf[:] = 7
+        assert buf[0] == buf[-1] == 7
+    assert isinstance(big.base.obj, mmap.mmap)  # a mapping, unmapped with its last view
+    # Many leaves in one arena: no leaf overlaps another.
+    leaves = {(str(i),): np.full((1 << 20,), i, np.float32) for i in range(20)}
+    out = convert.materialize(leaves)
+    assert all((v == int(k[0])).all() for k, v in out.items())
+
+
+def test_prefault_keeps_contents_and_ignores_what_it_cannot_advise(tmp_path):
+    path = tmp_path / "t.safetensors"
+    x = np.arange(3 << 20, dtype=np.float32)
+    save_file({"x": x}, str(path))
+    np.testing.assert_array_equal(map_safetensors(str(path))["x"], x)  # prefaulted by default
+    np.testing.assert_array_equal(map_safetensors(str(path), populate=False)["x"], x)
+    buf = np.frombuffer(bytearray(b"abc" * 5000), np.uint8)[1:]  # not a page-aligned mapping
+    weights.prefault(buf)
+    weights.prefault(buf[:0])
+    assert bytes(buf[:2]) == b"bc"
+
+
+def test_load_lowers_the_switch_interval_only_while_it_runs(small_folders, monkeypatch):
+    from spin_jax.models import pipeline
+
+    seen = []
+    real = pipeline._load
+    monkeypatch.setattr(
+        pipeline, "_load", lambda *a: seen.append(sys.getswitchinterval()) or real(*a)
+    )
+    before = sys.getswitchinterval()
+    load_pretrained(small_folders["float32"])
+    assert seen and seen[0] <= 2e-4 < before
+    assert sys.getswitchinterval() == before
 
 
 def test_bfloat16_files_load_as_float32_params(small_folders):

@@ -6,8 +6,13 @@ Shared by the Stable Diffusion loader and the evaluation scorers. Pickled checkp
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
+import mmap
 import os
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -86,16 +91,40 @@ def _numpy_dtypes() -> dict[str, np.dtype]:
     }
 
 
-def _map(fileno: int, populate: bool):
-    import mmap
+_MADV_POPULATE_READ = 22  # Linux >= 5.14
 
-    flags = getattr(mmap, "MAP_POPULATE", 0) if populate else 0
-    if flags:
-        try:  # read ahead and map every page now, so that first uses do not fault one by one
-            return mmap.mmap(fileno, 0, flags=mmap.MAP_SHARED | flags, prot=mmap.PROT_READ)
-        except (OSError, ValueError):
-            pass
-    return mmap.mmap(fileno, 0, access=mmap.ACCESS_READ)
+
+@functools.cache
+def _madvise():
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def prefault(buf: np.ndarray, chunk: int = 64 << 20) -> None:
+    """Reads every page of the page-aligned, memory-mapped ``buf`` in now (read-ahead, and
+    every page mapped at once rather than faulted one by one by the copy), without holding the
+    GIL, unlike ``MAP_POPULATE``, which Python's ``mmap`` runs under it, stalling a load's
+    other thread for as long: ``madvise(MADV_POPULATE_READ)`` through ctypes (which releases
+    the GIL), ``chunk`` bytes per call so that other threads' mmaps are not held up long
+    behind the process's memory-map lock; where the kernel lacks it, nothing (pages then
+    fault in on first use)."""
+    fn = _madvise() if sys.platform.startswith("linux") else None
+    address, n = buf.ctypes.data, buf.nbytes
+    if fn is None or not n or fn(address, min(n, chunk), _MADV_POPULATE_READ) != 0:
+        return
+    for start in range(chunk, n, chunk):
+        fn(address + start, min(chunk, n - start), _MADV_POPULATE_READ)
+
+
+def _map(fileno: int, populate: bool):
+    mm = mmap.mmap(fileno, 0, access=mmap.ACCESS_READ)
+    if populate:  # read ahead and map every page now, so that first uses do not fault one by one
+        prefault(np.frombuffer(mm, np.uint8))
+    return mm
 
 
 def map_safetensors(path: str, *, populate: bool = True) -> dict[str, np.ndarray]:
