@@ -10,7 +10,11 @@ names and shapes straight from the Flax parameter shapes (nothing is downloaded;
 needed). Then, each in a fresh subprocess, measures:
 
 - ``read``: ``safetensors.numpy.load_file`` of every weight file (each tensor read once);
-- ``spin_jax``: ``spin_jax.models.load_pretrained`` until its params are on the device;
+- ``spin_jax``: ``spin_jax.models.load_pretrained`` until its params are on the device, the
+  networks' parameter templates read from the cache (``spin_jax.models.templates``, in a
+  folder of the benchmark's that an untimed first load fills), as every load after the first
+  on a machine;
+- ``spin_jax_traced``: the same with the cache off, every template traced (a first load);
 - ``diffusers``: ``diffusers.StableDiffusionPipeline.from_pretrained`` (skipped with a note
   when diffusers is not importable), with ``torch_dtype`` the file's dtype.
 
@@ -193,7 +197,7 @@ def child(what: str, folder: str, dtype: str) -> dict:
         for rel in WEIGHT_FILES:
             n += sum(v.nbytes for v in load_file(os.path.join(folder, rel)).values())
         return {"seconds": time.perf_counter() - t0, "bytes_read": n}
-    if what == "spin_jax":
+    if what in ("spin_jax", "spin_jax_traced"):
         import jax
         import jax.numpy as jnp
 
@@ -229,11 +233,12 @@ def child(what: str, folder: str, dtype: str) -> dict:
     raise ValueError(what)
 
 
-def measure(what: str, folder: str, dtype: str, timeout: float) -> dict:
+def measure(what: str, folder: str, dtype: str, timeout: float, cache: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", what, "--folder", folder]
     cmd += ["--file_dtypes", dtype]
+    env = dict(os.environ, SPIN_JAX_CACHE_DIR="none" if what == "spin_jax_traced" else cache)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     process_seconds = time.perf_counter() - t0
     load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     if proc.returncode != 0:
@@ -263,7 +268,7 @@ def main(argv=None) -> int:
     ap.add_argument("--folder", default="", help="where to build (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the built folders")
     ap.add_argument("--repeats", type=int, default=2, help="fresh processes per measurement")
-    ap.add_argument("--what", default="read,spin_jax,diffusers")
+    ap.add_argument("--what", default="read,spin_jax,spin_jax_traced,diffusers")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -298,13 +303,18 @@ def main(argv=None) -> int:
                     tensors=info["tensors"],
                     seconds=round(time.perf_counter() - t0, 2),
                 )
+            cache = os.path.join(root, "template_cache")
+            if "spin_jax" in whats:  # untimed: fills the template cache
+                measure("spin_jax", folder, dtype, args.timeout, cache)
             for i in range(args.repeats):
                 for what in whats:
-                    r = measure(what, folder, dtype, args.timeout)
+                    r = measure(what, folder, dtype, args.timeout, cache)
                     emit(what=what, size=args.size, file_dtype=dtype, repeat=i, **r)
     finally:
         if not args.keep and not args.folder:
             shutil.rmtree(root, ignore_errors=True)
+        else:
+            shutil.rmtree(os.path.join(root, "template_cache"), ignore_errors=True)
     return 0
 
 

@@ -18,6 +18,10 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "spin_jax_test_xla_cache")
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Parameter templates (spin_jax.models.templates) go to a scratch folder, not the user's home.
+os.environ.setdefault(
+    "SPIN_JAX_CACHE_DIR", os.path.join(tempfile.gettempdir(), "spin_jax_test_cache")
+)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 

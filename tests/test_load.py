@@ -1,9 +1,11 @@
 """Loading weights at disk speed: memory-mapped safetensors, NumPy layouts, one device transfer."""
 
+import functools
 import json
 import mmap
 import os
 import sys
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -221,3 +223,75 @@ def test_bench_load_small(tmp_path, capsys):
     assert by_what["read"]["bytes_read"] > 0 and by_what["read"]["process_seconds"] > 0
     loaded = bench_load.child("spin_jax", str(tmp_path / "small_float32"), "float32")
     assert loaded["param_dtypes"] == ["float32"] and loaded["params"] > 0
+
+
+def test_templates_are_traced_once_then_read_from_the_cache(small_folders, tmp_path, monkeypatch):
+    from spin_jax.models import pipeline, templates
+
+    monkeypatch.setenv(templates.ENV, str(tmp_path / "cache"))
+    first = load_pretrained(small_folders["float32"], attention_impl="auto")
+    entries = sorted(os.listdir(tmp_path / "cache" / "templates"))
+    assert len(entries) == 3  # one per network
+    traces = []
+    for name in ("unet_param_shapes", "vae_param_shapes", "text_encoder_param_shapes"):
+        real = getattr(pipeline, name)
+        fake = functools.wraps(real)(lambda m, real=real: traces.append(m) or real(m))
+        monkeypatch.setattr(pipeline, name, fake)
+    again = load_pretrained(small_folders["float32"], attention_impl="auto")
+    assert not traces  # every template came from the cache
+    assert again.attention_choices == first.attention_choices
+    assert sum(map(len, again.attention_choices.values())) > 0
+    assert pipeline.attention_report(again) == pipeline.attention_report(first)
+    for net in ("unet", "vae", "text_encoder"):
+        assert jax.tree.structure(again.params[net]) == jax.tree.structure(first.params[net])
+        pairs = zip(
+            jax.tree.leaves(again.params[net]), jax.tree.leaves(first.params[net]), strict=True
+        )
+        for a, b in pairs:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Anything the trace depends on gives another entry: here the compute dtype.
+    load_pretrained(small_folders["float32"], dtype=jnp.bfloat16)
+    assert len(traces) == 3 and len(os.listdir(tmp_path / "cache" / "templates")) == 6
+
+
+def test_a_bad_template_entry_is_traced_again(small_folders, tmp_path, monkeypatch):
+    from spin_jax.models import templates
+
+    monkeypatch.setenv(templates.ENV, str(tmp_path / "cache"))
+    want = load_pretrained(small_folders["float32"])
+    folder = tmp_path / "cache" / "templates"
+    for entry in os.listdir(folder):
+        text = (folder / entry).read_text()
+        (folder / entry).write_text(text[: len(text) // 2])  # a half-written file
+    got = load_pretrained(small_folders["float32"])
+    for net in ("unet", "vae", "text_encoder"):
+        assert jax.tree.structure(got.params[net]) == jax.tree.structure(want.params[net])
+    assert all(json.loads((folder / e).read_text())["params"] for e in os.listdir(folder))
+
+
+def test_template_cache_can_be_turned_off_and_skips_unstable_modules(tmp_path, monkeypatch):
+    import flax.linen as nn
+
+    from spin_jax.models import templates
+
+    class Net(nn.Module):
+        act: Any = None
+
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(x)
+
+    def shapes_of(m):
+        return jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((1, 2)))["params"]
+
+    monkeypatch.setenv(templates.ENV, str(tmp_path / "c"))
+    shapes, log = templates.traced(Net(), shapes_of)
+    assert shapes["Dense_0"]["kernel"].shape == (2, 3) and log == []
+    assert len(os.listdir(tmp_path / "c" / "templates")) == 1
+    templates.traced(Net(act=jax.nn.relu), shapes_of)  # repr "relu" does not say which relu
+    templates.traced(Net(act=object()), shapes_of)
+    assert len(os.listdir(tmp_path / "c" / "templates")) == 1
+    monkeypatch.setenv(templates.ENV, "none")
+    assert templates.cache_dir() is None
+    cached, _ = templates.traced(Net(), shapes_of)
+    assert cached["Dense_0"]["kernel"].shape == (2, 3)

@@ -64,7 +64,7 @@ from spin_jax.eval.blip import (
     text_config_from_dict,
 )
 from spin_jax.eval.weights import read_json, weight_files
-from spin_jax.models import clip, convert
+from spin_jax.models import clip, convert, templates
 from spin_jax.models import weights as model_weights
 
 METRICS = ("pickscore", "hpsv2", "imagereward", "aesthetic")
@@ -86,6 +86,11 @@ def _read_weights(path: str) -> dict[str, np.ndarray]:
     """Every tensor at ``path`` as lazy views of the memory-mapped files in their stored dtypes;
     ``convert.torch_to_flax`` casts and lays them out in one copy (no per-tensor dispatch)."""
     return model_weights.read_tensors(weight_files(path), dtype=None)
+
+
+def _template(model: nn.Module, shapes_of, *args) -> Params:
+    """The params template, traced once per machine and model (``spin_jax.models.templates``)."""
+    return templates.traced(model, shapes_of, *args)[0]
 
 
 def _normalize(x: jax.Array) -> jax.Array:
@@ -246,7 +251,7 @@ def load_pickscore(
         source=config_path,
     )
     params = clip.params_from_state_dict(
-        _read_weights(model_path), clip.param_shapes(model), source=model_path
+        _read_weights(model_path), _template(model, clip.param_shapes), source=model_path
     )
     tokenize = _clip_tokenizer(
         tokenizer_path or model_path, model.config.text.max_position_embeddings
@@ -361,7 +366,7 @@ def load_hpsv2(
     config = oc.clip_config_from_open_clip(cfg_dict, source=model_config or "ViT-H-14")
     model = clip.CLIPModel(config, _dtype(dtype), attention_impl)
     state = oc.open_clip_to_hf(_read_weights(weights), source=weights)
-    params = clip.params_from_state_dict(state, clip.param_shapes(model), source=weights)
+    params = clip.params_from_state_dict(state, _template(model, clip.param_shapes), source=weights)
     tokenize = _clip_tokenizer(tokenizer_path, config.text.max_position_embeddings)
 
     def apply(params, text, pixels):
@@ -427,7 +432,7 @@ def load_imagereward(
     model = ImageRewardModel(vision, text, _dtype(dtype), attention_impl)
     params = convert.torch_to_flax(
         bert_state_dict_to_flax_names(state),
-        imagereward_param_shapes(model, max_length),
+        _template(model, imagereward_param_shapes, int(max_length)),
         source=weights,
     )
     tokenize = bert_tokenizer(tokenizer_path, max_length)

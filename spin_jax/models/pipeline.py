@@ -26,7 +26,7 @@ from flax import linen as nn
 from spin_jax import platform
 from spin_jax.diffusion.schedule import Schedule, schedule_from_config
 from spin_jax.files import write_json
-from spin_jax.models import convert
+from spin_jax.models import convert, templates
 from spin_jax.models.clip import text_encoder_from_config, text_encoder_param_shapes
 from spin_jax.models.tokenizer import Tokenizer, load_tokenizer
 from spin_jax.models.unet import check_added_cond_dims, unet_from_config, unet_param_shapes
@@ -507,9 +507,7 @@ def _load(spec: _Spec, dtype, attention_impl, remat, pool, convert_and_place) ->
                          family=family)  # fmt: skip
     params, choices, done = {}, {}, {}
     for name, module, shapes_of in _networks(sd):
-        with platform.record_attention() as log:
-            shapes = shapes_of(module)
-        choices[name] = log
+        shapes, choices[name] = templates.traced(module, shapes_of)  # cached between processes
         done[name] = pool.submit(convert_and_place, name, shapes)
     for name, future in done.items():
         params[name] = future.result()
