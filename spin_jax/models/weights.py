@@ -130,7 +130,7 @@ def _map(fileno: int, populate: bool):
 def map_safetensors(path: str, *, populate: bool = True) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file as a read-only NumPy view of the memory-mapped file,
     in the file's dtype: nothing is copied. ``populate`` reads the file in and maps its pages
-    at once (Linux ``MAP_POPULATE``), which is faster than faulting them in one by one when
+    at once (:func:`prefault`), which is faster than faulting them in one by one when
     every tensor is used; without it nothing is read until a view is used.
 
     The header is parsed here (8-byte little-endian length, JSON of name -> dtype, shape,
