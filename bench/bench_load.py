@@ -3,20 +3,24 @@
     python bench/bench_load.py                         # full-size SD 1.5, float32 + bfloat16 files
     python bench/bench_load.py --size small --repeats 1   # tiny folders (a quick test)
     python bench/bench_load.py --folder /tmp/sd15 --keep  # build once, keep for later runs
+    python bench/bench_load.py --size pickscore --file_dtypes float32   # the PickScore scorer
 
 Builds (once per dtype, in ``--folder`` or a temporary folder that is deleted afterwards) a
-diffusers-format SD 1.5 directory with random weights, written as safetensors of the right
-names and shapes straight from the Flax parameter shapes (nothing is downloaded; no torch
-needed). Then, each in a fresh subprocess, measures:
+diffusers-format SD 1.5 directory with random weights, or with ``--size pickscore`` a
+transformers ``CLIPModel`` folder of PickScore's shapes (ViT-H/14, 986M parameters), written as
+safetensors of the right names and shapes straight from the Flax parameter shapes (nothing is
+downloaded; no torch needed). Then, each in a fresh subprocess, measures:
 
 - ``read``: ``safetensors.numpy.load_file`` of every weight file (each tensor read once);
-- ``spin_jax``: ``spin_jax.models.load_pretrained`` until its params are on the device, the
+- ``spin_jax``: ``spin_jax.models.load_pretrained`` (``spin_jax.eval.scorers.load_pickscore``
+  for a scorer) until its params are on the device, the
   networks' parameter templates read from the cache (``spin_jax.models.templates``, in a
   folder of the benchmark's that an untimed first load fills), as every load after the first
   on a machine;
 - ``spin_jax_traced``: the same with the cache off, every template traced (a first load);
-- ``diffusers``: ``diffusers.StableDiffusionPipeline.from_pretrained`` (skipped with a note
-  when diffusers is not importable), with ``torch_dtype`` the file's dtype.
+- ``diffusers``: ``diffusers.StableDiffusionPipeline.from_pretrained`` (``transformers.CLIPModel``
+  for a scorer; skipped with a note when diffusers is not importable), with ``torch_dtype`` the
+  file's dtype.
 
 One JSON line per measurement: ``seconds`` is the call itself, ``process_seconds`` the whole
 fresh process (interpreter start and imports included), ``cpu_seconds`` the process's user +
@@ -43,6 +47,47 @@ WEIGHT_FILES = (
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/model.safetensors",
 )
+SCORER_FILE = "model.safetensors"
+
+# PickScore_v1's transformers config (a CLIP ViT-H/14); the small one for tests.
+PICKSCORE = {
+    "architectures": ["CLIPModel"],
+    "model_type": "clip",
+    "projection_dim": 1024,
+    "logit_scale_init_value": 2.6592,
+    "text_config": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 24,
+        "max_position_embeddings": 77,
+        "vocab_size": 49408,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-05,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+    },
+    "vision_config": {
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 32,
+        "image_size": 224,
+        "patch_size": 14,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-05,
+    },
+}
+PICKSCORE_SMALL = {
+    **PICKSCORE,
+    "projection_dim": 16,
+    "text_config": {**PICKSCORE["text_config"], "hidden_size": 32, "intermediate_size": 37,
+                    "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 1000},
+    "vision_config": {**PICKSCORE["vision_config"], "hidden_size": 32, "intermediate_size": 37,
+                      "num_attention_heads": 4, "num_hidden_layers": 2, "image_size": 32,
+                      "patch_size": 8},
+}  # fmt: skip
 
 SMALL_UNET = {
     "_class_name": "UNet2DConditionModel",
@@ -134,7 +179,8 @@ def torch_shapes(cfgs: dict[str, dict]) -> dict[str, dict[str, tuple[int, ...]]]
 
 
 def build(folder: str, size: str, dtype: str, seed: int = 0) -> dict:
-    """Writes a random-weight diffusers SD folder; returns {"bytes": ..., "tensors": ...}."""
+    """Writes a random-weight diffusers SD folder (or a CLIPModel folder for a scorer size);
+    returns {"bytes": ..., "tensors": ...}."""
     import ml_dtypes
     import numpy as np
     from safetensors.numpy import save_file
@@ -143,6 +189,8 @@ def build(folder: str, size: str, dtype: str, seed: int = 0) -> dict:
     from spin_jax.models.tiny import write_clip_tokenizer
 
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    if size.startswith("pickscore"):
+        return build_scorer(folder, size, np_dtype, seed)
     cfgs = configs(size)
     rng = np.random.default_rng(seed)
     total_bytes = total_tensors = 0
@@ -182,19 +230,44 @@ def build(folder: str, size: str, dtype: str, seed: int = 0) -> dict:
     return {"bytes": total_bytes, "tensors": total_tensors}
 
 
+def build_scorer(folder: str, size: str, np_dtype, seed: int) -> dict:
+    import jax
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from spin_jax.files import write_json
+    from spin_jax.models import clip
+    from spin_jax.models.tiny import write_clip_tokenizer
+
+    cfg = PICKSCORE if size == "pickscore" else PICKSCORE_SMALL
+    os.makedirs(folder, exist_ok=True)
+    write_json(os.path.join(folder, "config.json"), cfg)
+    write_clip_tokenizer(folder, ["a", "photo", "of", "cat"])
+    shapes = clip.param_shapes(clip.clip_from_config(cfg))
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape, dtype=np.float32) * 0.02, shapes)
+    tensors = clip.params_to_state_dict(params)
+    del params
+    tensors = {k: v.astype(np_dtype) if v.dtype != np_dtype else v for k, v in tensors.items()}
+    path = os.path.join(folder, SCORER_FILE)
+    save_file(tensors, path, metadata={"format": "pt"})
+    return {"bytes": os.path.getsize(path), "tensors": len(tensors)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Children: one measurement each, in a fresh process.
 
 
 def child(what: str, folder: str, dtype: str) -> dict:
     t0 = time.perf_counter()
+    scorer = not os.path.isfile(os.path.join(folder, "model_index.json"))
     if what == "read":
         import ml_dtypes  # noqa: F401 (registers bfloat16 with NumPy)
         from safetensors.numpy import load_file
 
         t0 = time.perf_counter()
         n = 0
-        for rel in WEIGHT_FILES:
+        for rel in (SCORER_FILE,) if scorer else WEIGHT_FILES:
             n += sum(v.nbytes for v in load_file(os.path.join(folder, rel)).values())
         return {"seconds": time.perf_counter() - t0, "bytes_read": n}
     if what in ("spin_jax", "spin_jax_traced"):
@@ -205,10 +278,15 @@ def child(what: str, folder: str, dtype: str) -> dict:
 
         compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
         t0 = time.perf_counter()
-        sd = load_pretrained(folder, compute, attention_impl="auto")
-        jax.block_until_ready(sd.params)
+        if scorer:
+            from spin_jax.eval.scorers import load_pickscore
+
+            loaded = load_pickscore(folder, dtype=compute, attention_impl="auto")
+        else:
+            loaded = load_pretrained(folder, compute, attention_impl="auto")
+        jax.block_until_ready(loaded.params)
         seconds = time.perf_counter() - t0
-        leaves = jax.tree.leaves(sd.params)
+        leaves = jax.tree.leaves(loaded.params)
         return {
             "seconds": seconds,
             "params": int(sum(x.size for x in leaves)),
@@ -217,15 +295,21 @@ def child(what: str, folder: str, dtype: str) -> dict:
         }
     if what == "diffusers":
         import torch
-        from diffusers import StableDiffusionPipeline
 
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
         t0 = time.perf_counter()
-        pipe = StableDiffusionPipeline.from_pretrained(
-            folder, torch_dtype=torch_dtype, safety_checker=None, feature_extractor=None
-        )
+        if scorer:
+            from transformers import CLIPModel
+
+            nets = (CLIPModel.from_pretrained(folder, dtype=torch_dtype),)
+        else:
+            from diffusers import StableDiffusionPipeline
+
+            pipe = StableDiffusionPipeline.from_pretrained(
+                folder, torch_dtype=torch_dtype, safety_checker=None, feature_extractor=None
+            )
+            nets = (pipe.unet, pipe.vae, pipe.text_encoder)
         seconds = time.perf_counter() - t0
-        nets = (pipe.unet, pipe.vae, pipe.text_encoder)
         return {
             "seconds": seconds,
             "params": int(sum(p.numel() for m in nets for p in m.parameters())),
@@ -263,7 +347,8 @@ def diffusers_available() -> str | None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", choices=("sd15", "small"), default="sd15")
+    sizes = ("sd15", "small", "pickscore", "pickscore_small")
+    ap.add_argument("--size", choices=sizes, default="sd15")
     ap.add_argument("--file_dtypes", default="float32,bfloat16")
     ap.add_argument("--folder", default="", help="where to build (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the built folders")

@@ -223,6 +223,13 @@ def test_bench_load_small(tmp_path, capsys):
     assert by_what["read"]["bytes_read"] > 0 and by_what["read"]["process_seconds"] > 0
     loaded = bench_load.child("spin_jax", str(tmp_path / "small_float32"), "float32")
     assert loaded["param_dtypes"] == ["float32"] and loaded["params"] > 0
+    # The scorer's folder (PickScore's layout at small widths) through the same children.
+    folder = str(tmp_path / "pickscore_small_bfloat16")
+    info = bench_load.build(folder, "pickscore_small", "bfloat16")
+    read = bench_load.child("read", folder, "bfloat16")
+    loaded = bench_load.child("spin_jax", folder, "float32")
+    assert read["bytes_read"] > 0 and info["tensors"] > 50
+    assert loaded["param_dtypes"] == ["float32"] and loaded["params"] * 2 == read["bytes_read"]
 
 
 def test_templates_are_traced_once_then_read_from_the_cache(small_folders, tmp_path, monkeypatch):
