@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spin_jax.models.attention import attention, xla_attention
+from spin_jax.models.attention import attention, unblocked, xla_attention
 
 
 def numpy_attention(q, k, v, mask=None):
@@ -84,6 +84,9 @@ def test_long_sequences_blocked_on_cpu_match_numpy_with_the_same_gradient():
     q, k, v = qkv(b=1, lq=1024, lk=1024, h=2, d=8, seed=4)
     jaxpr = str(jax.make_jaxpr(xla_attention)(q, k, v))
     assert "_row_blocked" in jaxpr  # the blocked form ran (this suite runs on CPU)
+    with unblocked():  # what FLOP counts trace (a new function: traces are cached per function)
+        traced = jax.make_jaxpr(lambda *a: xla_attention(*a))(q, k, v)
+    assert "_row_blocked" not in str(traced)
     out = np.asarray(xla_attention(*map(jnp.asarray, (q, k, v))))
     np.testing.assert_allclose(out, numpy_attention(q, k, v), atol=1e-5)
     # a mask keeps the unblocked form, which agrees

@@ -8,14 +8,17 @@ clear ValueError on a machine or dtype cuDNN cannot run at all).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 
 from spin_jax.platform import IMPLEMENTATIONS, describe_machine, resolve_attention
 
-__all__ = ["IMPLEMENTATIONS", "attention", "cpu_row_block", "xla_attention"]
+__all__ = ["IMPLEMENTATIONS", "attention", "cpu_row_block", "unblocked", "xla_attention"]
 
 
 def attention(
@@ -80,10 +83,29 @@ _ROW_BLOCKS = (512, 256)
 _MIN_BLOCKED_LEN = 1024
 
 
+_UNBLOCKED = threading.local()
+
+
+@contextlib.contextmanager
+def unblocked() -> Iterator[None]:
+    """Traces inside the block use the unblocked form everywhere: for FLOP counts, since XLA's
+    cost analysis counts a loop's body once. Trace a function not traced before (JAX caches
+    traces per function, not per this switch)."""
+    before = getattr(_UNBLOCKED, "on", False)
+    _UNBLOCKED.on = True
+    try:
+        yield
+    finally:
+        _UNBLOCKED.on = before
+
+
 def cpu_row_block(len_q: int, platform: str | None = None) -> int:
     """Rows of queries per step of a blocked attention on this machine: 0 (unblocked) except
-    on a CPU for sequences of at least 1024 queries, divisible by a block size."""
+    on a CPU for sequences of at least 1024 queries, divisible by a block size (and outside
+    :func:`unblocked`)."""
     platform = describe_machine().platform if platform is None else platform
+    if getattr(_UNBLOCKED, "on", False):
+        return 0
     if str(platform).lower() != "cpu" or len_q < _MIN_BLOCKED_LEN:
         return 0
     return next((b for b in _ROW_BLOCKS if len_q % b == 0), 0)
