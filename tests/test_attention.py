@@ -49,9 +49,9 @@ def test_causal_and_mask():
     np.testing.assert_allclose(np.asarray(both), numpy_attention(q, k, v, keep & causal), atol=1e-5)
 
 
-def test_gradient_matches_jax():
-    q, k, v = map(jnp.asarray, qkv(seed=1))
-    w = jnp.asarray(np.random.default_rng(2).standard_normal((2, 7, 3, 8)), jnp.float32)
+def check_gradient(q, k, v, seed):
+    """xla_attention's gradient of a random projection against jax's; returns the loss."""
+    w = jnp.asarray(np.random.default_rng(seed).standard_normal(q.shape), jnp.float32)
 
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v) * w)
@@ -60,6 +60,11 @@ def test_gradient_matches_jax():
     ref = jax.grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(ours, ref, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+    return loss(xla_attention), ours
+
+
+def test_gradient_matches_jax():
+    check_gradient(*map(jnp.asarray, qkv(seed=1)), seed=2)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -92,14 +97,6 @@ def test_long_sequences_blocked_on_cpu_match_numpy_with_the_same_gradient():
     # a mask keeps the unblocked form, which agrees
     keep = jnp.ones((1, 1, 1, 1024), bool)
     np.testing.assert_allclose(np.asarray(xla_attention(q, k, v, mask=keep)), out, atol=1e-6)
-    w = jnp.asarray(np.random.default_rng(5).standard_normal(q.shape), jnp.float32)
-
-    def loss(fn):
-        return lambda q, k, v: jnp.sum(fn(q, k, v) * w)
-
-    ours = jax.grad(loss(xla_attention), argnums=(0, 1, 2))(q, k, v)
-    ref = jax.grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
-    for a, b in zip(ours, ref, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
-    remat = jax.grad(jax.checkpoint(loss(xla_attention)))(q, k, v)
+    loss, ours = check_gradient(*map(jnp.asarray, (q, k, v)), seed=5)
+    remat = jax.grad(jax.checkpoint(loss))(q, k, v)
     np.testing.assert_allclose(np.asarray(remat), np.asarray(ours[0]), atol=1e-6)
