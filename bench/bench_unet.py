@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from spin_jax.models import presets  # noqa: E402
-from spin_jax.models.attention import unblocked  # noqa: E402
+from spin_jax.models.attention import cpu_row_block, unblocked  # noqa: E402
 from spin_jax.models.unet import (  # noqa: E402
     unet_dummy_inputs,
     unet_from_config,
@@ -95,6 +95,14 @@ def flops_of(compiled) -> float:
     return float(cost.get("flops", float("nan")))
 
 
+def math_flops(fn, *args, compile: bool = True) -> float:
+    """FLOPs of ``fn(*args)``'s math, traced afresh with the CPU's query-blocked attention off
+    (``attention.unblocked``): XLA's cost analysis counts a loop's body once."""
+    with unblocked():  # a new function: JAX caches traces per function
+        lowered = jax.jit(lambda *a: fn(*a)).lower(*args)
+    return flops_of(lowered.compile() if compile else lowered)
+
+
 def count(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
@@ -150,11 +158,7 @@ def sdxl_shapes_report(batch: int = 2, latent: int = 128, ctx_len: int = 77) -> 
         return unet.apply({"params": p}, *a)
 
     start = time.perf_counter()
-    with unblocked():  # the math's FLOPs, not a CPU loop's (counted once by cost analysis)
-        cost = jax.jit(unet_fwd).lower(shapes, *args).cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0]
-    tflop = float(cost.get("flops", float("nan"))) / 1e12
+    tflop = math_flops(unet_fwd, shapes, *args, compile=False) / 1e12
     emit(
         what=f"sdxl_unet_forward_{latent}x{latent}",
         batch=batch,
@@ -180,8 +184,7 @@ def shapes_report() -> None:
     images = jax.ShapeDtypeStruct((1, 512, 512, 3), f32)
 
     def cost(fn, *args):
-        with unblocked():  # the math's FLOPs, not a CPU loop's (counted once by cost analysis)
-            return flops_of(jax.jit(lambda *a: fn(*a)).lower(*args).compile()) / 1e12
+        return math_flops(fn, *args) / 1e12
 
     def unet_fwd(p, x, t, c):
         return unet.apply({"params": p}, x, t, c)
@@ -239,9 +242,11 @@ def bench_jax(config, dtype, batch, latent, ctx_len, attention_impl, remat, step
     for mode in modes:
         fn = jax.jit(forward if mode == "forward" else train)
         compiled = fn.lower(params, x, t, ctx, cond).compile()
-        with unblocked():  # the math's FLOPs (a CPU's blocked attention loop is counted once)
-            fresh = jax.jit(lambda *a, f=forward if mode == "forward" else train: f(*a))
-            tflop = flops_of(fresh.lower(params, x, t, ctx, cond)) / 1e12 / batch
+        if cpu_row_block(4096):  # attention loops here: count the math, not the loop
+            f = forward if mode == "forward" else train
+            tflop = math_flops(f, params, x, t, ctx, cond, compile=False) / 1e12 / batch
+        else:
+            tflop = flops_of(compiled) / 1e12 / batch
         for _ in range(2):  # warm-up, excluded
             jax.block_until_ready(compiled(params, x, t, ctx, cond))
         start = time.perf_counter()

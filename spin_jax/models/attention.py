@@ -103,10 +103,10 @@ def cpu_row_block(len_q: int, platform: str | None = None) -> int:
     """Rows of queries per step of a blocked attention on this machine: 0 (unblocked) except
     on a CPU for sequences of at least 1024 queries, divisible by a block size (and outside
     :func:`unblocked`)."""
-    platform = describe_machine().platform if platform is None else platform
-    if getattr(_UNBLOCKED, "on", False):
+    if getattr(_UNBLOCKED, "on", False) or len_q < _MIN_BLOCKED_LEN:
         return 0
-    if str(platform).lower() != "cpu" or len_q < _MIN_BLOCKED_LEN:
+    platform = describe_machine().platform if platform is None else platform
+    if str(platform).lower() != "cpu":
         return 0
     return next((b for b in _ROW_BLOCKS if len_q % b == 0), 0)
 

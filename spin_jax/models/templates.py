@@ -136,16 +136,13 @@ def _write(path: str, shapes: Any, log: list[platform.AttentionChoice]) -> None:
         if not all(isinstance(k, jax.tree_util.DictKey) for k in keys):
             return  # not a tree of dicts: not cached
         leaves.append([[str(k.key) for k in keys], list(leaf.shape), str(leaf.dtype)])
-    entry = {"version": VERSION, "params": leaves, "attention": [list(_fields(c)) for c in log]}
+    attention = [list(dataclasses.astuple(c)) for c in log]
+    entry = {"version": VERSION, "params": leaves, "attention": attention}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_json(path, entry)
     except OSError:
         pass
-
-
-def _fields(choice: platform.AttentionChoice) -> tuple:
-    return (choice.requested, choice.implementation, choice.reason, choice.head_dim, choice.dtype)
 
 
 def _read(path: str) -> tuple[Any, list[platform.AttentionChoice]] | None:
