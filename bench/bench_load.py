@@ -18,6 +18,9 @@ downloaded; no torch needed). Then, each in a fresh subprocess, measures:
   folder of the benchmark's that an untimed first load fills), as every load after the first
   on a machine;
 - ``spin_jax_traced``: the same with the cache off, every template traced (a first load);
+- ``spin_jax_inference``: ``spin_jax`` with ``param_dtype`` the file's dtype (an inference-only
+  load, as diffusers' ``torch_dtype``; run for 16-bit Stable Diffusion files only, since for
+  float32 files it is ``spin_jax``);
 - ``diffusers``: ``diffusers.StableDiffusionPipeline.from_pretrained`` (``transformers.CLIPModel``
   for a scorer; skipped with a note when diffusers is not importable), with ``torch_dtype`` the
   file's dtype.
@@ -270,7 +273,7 @@ def child(what: str, folder: str, dtype: str) -> dict:
         for rel in (SCORER_FILE,) if scorer else WEIGHT_FILES:
             n += sum(v.nbytes for v in load_file(os.path.join(folder, rel)).values())
         return {"seconds": time.perf_counter() - t0, "bytes_read": n}
-    if what in ("spin_jax", "spin_jax_traced"):
+    if what in ("spin_jax", "spin_jax_traced", "spin_jax_inference"):
         import jax
         import jax.numpy as jnp
 
@@ -283,7 +286,10 @@ def child(what: str, folder: str, dtype: str) -> dict:
 
             loaded = load_pickscore(folder, dtype=compute, attention_impl="auto")
         else:
-            loaded = load_pretrained(folder, compute, attention_impl="auto")
+            param_dtype = compute if what == "spin_jax_inference" else jnp.float32
+            loaded = load_pretrained(
+                folder, compute, attention_impl="auto", param_dtype=param_dtype
+            )
         jax.block_until_ready(loaded.params)
         seconds = time.perf_counter() - t0
         leaves = jax.tree.leaves(loaded.params)
@@ -353,7 +359,7 @@ def main(argv=None) -> int:
     ap.add_argument("--folder", default="", help="where to build (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the built folders")
     ap.add_argument("--repeats", type=int, default=2, help="fresh processes per measurement")
-    ap.add_argument("--what", default="read,spin_jax,spin_jax_traced,diffusers")
+    ap.add_argument("--what", default="read,spin_jax,spin_jax_traced,spin_jax_inference,diffusers")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -393,6 +399,10 @@ def main(argv=None) -> int:
                 measure("spin_jax", folder, dtype, args.timeout, cache)
             for i in range(args.repeats):
                 for what in whats:
+                    if what == "spin_jax_inference" and (
+                        dtype == "float32" or "pickscore" in args.size
+                    ):
+                        continue  # the same load as spin_jax / no param_dtype for a scorer
                     r = measure(what, folder, dtype, args.timeout, cache)
                     emit(what=what, size=args.size, file_dtype=dtype, repeat=i, **r)
     finally:

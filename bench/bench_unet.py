@@ -12,7 +12,8 @@ the lowered function with abstract parameters (nothing is allocated).
 
 One JSON line per measurement: impl, dtype, batch, mode (forward | train = forward+backward),
 seconds per iteration, images/s, TFLOP per image (XLA cost analysis of our jitted function,
-used for both implementations) and MFU where the device's peak is known. Weights are random:
+used for both implementations) and MFU where the device's peak is known (on a CPU, the fraction
+of this machine's best measured GEMM rate, printed as ``gemm_peak``). Weights are random:
 speed does not depend on their values. The PyTorch side needs torch + diffusers and is skipped
 with a note when either is missing.
 """
@@ -112,6 +113,37 @@ def peak_tflops(device_name: str, dtype: str) -> float | None:
         if key in device_name:
             return peaks.get(dtype)
     return None
+
+
+def gemm_peak_tflops(dtype: str, n: int = 2048, reps: int = 5) -> float:
+    """This machine's best measured TFLOP/s of one square matmul in ``dtype``, by JAX and by
+    PyTorch (where installed): the bound no network on it can beat, where no peak is tabled."""
+    rates = {}
+    a = jnp.ones((n, n), jnp.dtype(dtype))
+    mm = jax.jit(jnp.matmul)
+    jax.block_until_ready(mm(a, a))
+    best = min(_seconds(lambda: jax.block_until_ready(mm(a, a))) for _ in range(reps))
+    rates["spin_jax"] = 2 * n**3 / best / 1e12
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None and jax.default_backend() == "cpu":
+        t = torch.ones(n, n, dtype=getattr(torch, dtype))
+        torch.mm(t, t)
+        rates["torch"] = (
+            2 * n**3 / min(_seconds(lambda: torch.mm(t, t)) for _ in range(reps)) / 1e12
+        )
+    emit(
+        what="gemm_peak", dtype=dtype, n=n, **{f"{k}_tflops": round(v, 4) for k, v in rates.items()}
+    )
+    return max(rates.values())
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def random_params(shapes, seed: int = 0):
@@ -385,6 +417,8 @@ def main(argv=None) -> None:
         elif impl == "none":
             impl = None
         peak = peak_tflops(device_name, dtype)  # TFLOP/s: MFU = TFLOP/image * images/s / peak
+        if peak is None and jax.default_backend() == "cpu":
+            peak = gemm_peak_tflops(dtype)  # "mfu" is then the fraction of the measured GEMM rate
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             tflops = dict(
                 bench_jax(

@@ -14,8 +14,8 @@ steps, guidance, negative prompt, size, dtype and the model folder's fingerprint
 with other values is refused (another out_dir, or `--overwrite` to delete the old outputs).
 SIGTERM / Ctrl-C: the batch in flight is finished, then exit status 75; rerun to resume.
 
-Presets: `configs/sample.py:gpu` uses bfloat16 (attention stays `auto`: cuDNN where it can run);
-`sdxl` (SDXL base: its Euler scheduler, 30 steps, CFG 5, 1024 px), `turbo` (SDXL-Turbo: Euler
+Presets: `configs/sample.py:gpu` uses bfloat16 compute and weights (attention stays `auto`:
+cuDNN where it can run); `sdxl` (SDXL base: its Euler scheduler, 30 steps, CFG 5, 1024 px), `turbo` (SDXL-Turbo: Euler
 ancestral, 4 steps, no guidance, 512 px), `dmd2` (SDXL-DMD2: LCM sampler at timesteps
 999, 749, 499, 249, no guidance, 1024 px), `lcm` (LCM-SDXL: 4 steps, guidance embedded, 1024 px).
 """
@@ -28,7 +28,10 @@ def get_config(arg: str | None = None):
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # diffusers-format Stable Diffusion directory, or a single-file checkpoint
     c.model.components = ""  # single file: a diffusers folder for its tokenizer(s) and configs
-    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
+    # The weights' dtype: float32, or bfloat16 / float16 (half the memory; a 16-bit file loads
+    # without widening; each layer casts them to the compute dtype, as bfloat16 compute would).
+    c.model.param_dtype = "float32"
     # "auto": cuDNN flash attention where the GPU, dtype and head dim allow, XLA elsewhere.
     c.model.attention_impl = "auto"
     c.model.allow_pickle = False
@@ -55,7 +58,7 @@ def get_config(arg: str | None = None):
     c.output.grid_size = 16  # images in <out_dir>/grid.png (0: no grid)
 
     if arg == "gpu":
-        c.model.dtype = "bfloat16"
+        c.model.dtype = c.model.param_dtype = "bfloat16"
         c.model.attention_impl = "auto"  # cuDNN where it can run; the preset also works on CPU/TPU
         c.sample.batch_size = 64
     elif arg == "sdxl":

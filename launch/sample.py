@@ -72,7 +72,7 @@ def read_prompts(path: str) -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def load_model(path: str, dtype: str, attention_impl: str, allow_pickle: bool,
-               components: str = ""):  # fmt: skip
+               components: str = "", param_dtype: str = "float32"):  # fmt: skip
     import jax.numpy as jnp
 
     from spin_jax.models import load_pretrained
@@ -83,7 +83,8 @@ def load_model(path: str, dtype: str, attention_impl: str, allow_pickle: bool,
     if dtype not in dtypes:
         raise ValueError(f"config.model.dtype={dtype!r} is not one of {sorted(dtypes)}")
     return load_pretrained(path, dtypes[dtype], attention_impl=attention_impl or None,
-                           allow_pickle=allow_pickle, components=components or None)  # fmt: skip
+                           allow_pickle=allow_pickle, components=components or None,
+                           param_dtype=param_dtype)  # fmt: skip
 
 
 def _to_uint8(images):
@@ -174,8 +175,14 @@ def settings_of(config, prompts: list[str]) -> dict:
             "fingerprint": folder_fingerprint(config.model.path),
             "components": _components_fingerprint(config),
             "dtype": config.model.dtype,
+            # Only when not the default, so folders written before the field existed resume.
+            **({"param_dtype": pd} if (pd := _param_dtype(config)) != "float32" else {}),
         },
     }
+
+
+def _param_dtype(config) -> str:
+    return str(config.model.get("param_dtype", "float32"))
 
 
 def _components_fingerprint(config) -> str | None:
@@ -248,6 +255,11 @@ def check_config(config) -> None:
         raise ValueError(
             f"config.model.dtype={config.model.dtype!r} is not one of ['bfloat16', 'float32']"
         )
+    if _param_dtype(config) not in ("float32", "bfloat16", "float16"):
+        raise ValueError(
+            f"config.model.param_dtype={_param_dtype(config)!r} is not one of "
+            "['bfloat16', 'float16', 'float32']"
+        )
     if not config.model.path:
         raise ValueError("config.model.path is empty: give a diffusers-format model folder")
     if not os.path.exists(config.model.path):
@@ -317,6 +329,7 @@ def _generate(config, prompts: list[str]) -> dict:
         config.model.attention_impl,
         bool(config.model.allow_pickle),
         config.model.get("components", ""),
+        _param_dtype(config),
     )
     os.makedirs(os.path.join(out_dir, "latents") if want_latents else out_dir, exist_ok=True)
 

@@ -176,6 +176,36 @@ def test_bfloat16_files_load_as_float32_params(small_folders):
             np.testing.assert_array_equal(np.asarray(y), want)
 
 
+def test_param_dtype_keeps_16_bit_weights_for_inference(small_folders):
+    from spin_jax.diffusion.generate import generate
+
+    f32 = load_pretrained(small_folders["float32"])
+    for folder in small_folders.values():
+        sd = load_pretrained(folder, param_dtype="bfloat16")
+        for net in ("unet", "vae", "text_encoder"):
+            pairs = zip(
+                jax.tree.leaves(f32.params[net]), jax.tree.leaves(sd.params[net]), strict=True
+            )
+            for x, y in pairs:
+                assert y.dtype == jnp.bfloat16
+                np.testing.assert_array_equal(
+                    np.asarray(y), np.asarray(x).astype(ml_dtypes.bfloat16)
+                )
+    # The layers widen 16-bit weights to the compute dtype: the same images as float32 params
+    # holding the same (rounded) values.
+    widened = jax.tree.map(lambda x: x.astype(jnp.float32), sd.params)
+    ids = sd.tokenize(["a red square", "a blue circle"])
+
+    def images(params):
+        return np.asarray(
+            generate(sd, params, ids, jax.random.key(0), num_steps=3, height=32, width=32)
+        )
+
+    np.testing.assert_allclose(images(sd.params), images(widened), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="param_dtype='int8' is not one of float32, bfloat16"):
+        load_pretrained(small_folders["float32"], param_dtype="int8")
+
+
 def test_load_places_params_with_a_sharding(small_folders):
     from spin_jax import parallel
 
@@ -223,6 +253,9 @@ def test_bench_load_small(tmp_path, capsys):
     assert by_what["read"]["bytes_read"] > 0 and by_what["read"]["process_seconds"] > 0
     loaded = bench_load.child("spin_jax", str(tmp_path / "small_float32"), "float32")
     assert loaded["param_dtypes"] == ["float32"] and loaded["params"] > 0
+    bench_load.build(str(tmp_path / "small_bfloat16"), "small", "bfloat16")
+    kept = bench_load.child("spin_jax_inference", str(tmp_path / "small_bfloat16"), "bfloat16")
+    assert kept["param_dtypes"] == ["bfloat16"] and kept["params"] == loaded["params"]
     # The scorer's folder (PickScore's layout at small widths) through the same children.
     folder = str(tmp_path / "pickscore_small_bfloat16")
     info = bench_load.build(folder, "pickscore_small", "bfloat16")

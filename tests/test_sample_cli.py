@@ -157,6 +157,24 @@ def test_rerun_with_other_settings_is_refused_not_mislabelled(model_path, tmp_pa
     assert sample.run(other)["generated"] == 0  # the same settings resume
 
 
+def test_16_bit_weights_are_a_setting_of_their_own(model_path, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    out = tmp_path / "out"
+    config = make_config(model_path, prompts, out)
+    config.output.latents = False
+    config.model.param_dtype = "bfloat16"
+    assert sample.run(config)["generated"] == 1
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["model"]["param_dtype"] == "bfloat16"
+    config.model.param_dtype = "float32"  # other weights, other images: not reused
+    with pytest.raises(ValueError, match="model.param_dtype"):
+        sample.run(config)
+    config.model.param_dtype = "int8"
+    with pytest.raises(ValueError, match="config.model.param_dtype='int8'"):
+        sample.run(config)
+
+
 def test_folder_of_an_older_version_is_refused(model_path, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")

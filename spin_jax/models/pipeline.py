@@ -233,19 +233,19 @@ class StableDiffusion:
         return self.vae.apply({"params": params}, latents, method=self.vae.decode)
 
 
-def _read_network(root: str, name: str, allow_pickle: bool):
+def _read_network(root: str, name: str, allow_pickle: bool, param_dtype: np.dtype):
     """Runs on a helper thread while the main one traces the networks: memory-maps the weight
     files and converts every tensor into one aligned host buffer with layouts guessed from the
     names (``convert.prepare``; checked against the traced template afterwards)."""
     folder = os.path.join(root, name)
     files = weight_files(folder, _WEIGHTS[name], allow_pickle=allow_pickle)
     tensors = read_tensors(files, dtype=None)  # lazy views of the files, in their dtypes
-    prepared = convert.prepare(tensors, np.float32)
+    prepared = convert.prepare(tensors, param_dtype)
     source = files[0] if len(files) == 1 else folder
     return tensors, prepared, source
 
 
-def _convert_network(read, shapes: Params) -> Params:
+def _convert_network(read, shapes: Params, param_dtype: np.dtype) -> Params:
     tensors, prepared, source = read
     # transformers 5 saves CLIPTextModel without the "text_model." prefix published SD repos have
     # (CLIPTextModelWithProjection keeps it, beside its "text_projection").
@@ -256,7 +256,8 @@ def _convert_network(read, shapes: Params) -> Params:
             return {(k if k.startswith(others) else f"text_model.{k}"): v for k, v in d.items()}
 
         tensors, prepared = fix(tensors), fix(prepared)
-    return convert.torch_to_flax(tensors, shapes, source=source, prepared=prepared)
+    return convert.torch_to_flax(tensors, shapes, source=source, dtype=param_dtype,
+                                 prepared=prepared)  # fmt: skip
 
 
 def _shardings(sharding: Any, name: str, params: Params) -> Any:
@@ -287,6 +288,21 @@ def place(params: Params, shardings: Any = None) -> Params:
         return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
 
     return jax.tree.map(put, params, shardings)
+
+
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_param_dtype(param_dtype: Any) -> np.dtype:
+    """``param_dtype`` as a NumPy dtype; anything but float32 / bfloat16 / float16 is a
+    ValueError naming it."""
+    try:
+        dt = np.dtype(param_dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in PARAM_DTYPES:
+        raise ValueError(f"param_dtype={param_dtype!r} is not one of {', '.join(PARAM_DTYPES)}")
+    return dt
 
 
 def check_attention(attention_impl: Any, dtype: Any) -> str:
@@ -347,11 +363,15 @@ def load_pretrained(
     sharding: Any = None,
     components: str | None = None,
     prediction_type: str | None = None,
+    param_dtype: Any = jnp.float32,
 ) -> StableDiffusion:
     """Loads a diffusers-format Stable Diffusion directory (SD 1.x / 2.x, SDXL), or one
     single-file checkpoint in the original Stability / CompVis layout (``.safetensors``).
 
-    ``dtype`` is the compute dtype of the networks; parameters stay float32.
+    ``dtype`` is the compute dtype of the networks. ``param_dtype`` is the parameters' dtype:
+    float32 (default; what training needs, as the optimizer's master weights), or bfloat16 /
+    float16 for inference only (half the memory, and a 16-bit file loads without widening; the
+    layers cast the weights to ``dtype`` as they use them).
     ``attention_impl``: None/"xla" (XLA), "auto" (cuDNN flash attention per layer where this
     machine, dtype and head dim allow it; ``spin_jax.platform``) or "cudnn" (cuDNN where the
     head dim allows; a ValueError on a machine or dtype that cannot run it).
@@ -373,6 +393,7 @@ def load_pretrained(
     dispatch or compilation.
     """
     attention_impl = check_attention(attention_impl, dtype)
+    param_dtype = check_param_dtype(param_dtype)
     if os.path.isfile(path):
         spec = _single_file_spec(path, components, prediction_type, allow_pickle)
     elif os.path.isdir(path):
@@ -385,11 +406,11 @@ def load_pretrained(
     pool = ThreadPoolExecutor(1, thread_name_prefix="spin_jax_load")
 
     def convert_and_place(name: str, shapes: Params) -> Params:
-        host = _convert_network(reads[name].result(), shapes)
+        host = _convert_network(reads[name].result(), shapes, param_dtype)
         return place(host, _shardings(sharding, name, host))
 
     with _quick_gil_handoff():
-        reads = {name: pool.submit(spec.read, name) for name in spec.family.networks}
+        reads = {name: pool.submit(spec.read, name, param_dtype) for name in spec.family.networks}
         try:
             return _load(spec, dtype, attention_impl, remat, pool, convert_and_place)
         finally:
@@ -420,7 +441,7 @@ class _Spec:
     configs: dict[str, dict]
     sources: dict[str, str]
     tokenizers: dict[str, str]
-    read: Any  # name -> (tensors, prepared, source)
+    read: Any  # (name, param dtype) -> (tensors, prepared, source)
 
 
 def _folder_spec(path: str, allow_pickle: bool) -> _Spec:
@@ -439,7 +460,7 @@ def _folder_spec(path: str, allow_pickle: bool) -> _Spec:
         configs[name] = read_json(sources[name])
     tokenizers = {name: os.path.join(path, name) for name in family.tokenizers}
     return _Spec(path, family, configs, sources, tokenizers,
-                 lambda name: _read_network(path, name, allow_pickle))  # fmt: skip
+                 lambda name, dt: _read_network(path, name, allow_pickle, dt))  # fmt: skip
 
 
 def _single_file_spec(path: str, components: str | None, prediction_type: str | None,
@@ -470,9 +491,9 @@ def _single_file_spec(path: str, components: str | None, prediction_type: str | 
     if prediction_type is not None:
         configs["scheduler"] = dict(configs["scheduler"], prediction_type=prediction_type)
 
-    def read(name):
+    def read(name, param_dtype):
         tensors = sf.state_dicts[name]
-        return tensors, convert.prepare(tensors, np.float32), path
+        return tensors, convert.prepare(tensors, param_dtype), path
 
     return _Spec(path, family, configs, sources, comp.tokenizers, read)
 
