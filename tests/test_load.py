@@ -124,6 +124,23 @@ def test_materialize_aligns_every_leaf():
         np.testing.assert_array_equal(v, leaves[k].astype(np.float32))
 
 
+def test_materialize_copies_large_transposed_kernels_in_every_dtype():
+    # Big enough for the blocked / tiled copies, with partial blocks at the edges.
+    rng = np.random.default_rng(1)
+    conv = rng.standard_normal((300, 520, 3, 3), dtype=np.float32)  # OIHW -> HWIO
+    linear = rng.standard_normal((700, 257), dtype=np.float32)  # [out, in] -> [in, out]
+    for src_dtype in (np.float32, ml_dtypes.bfloat16):
+        leaves = {
+            ("conv",): conv.astype(src_dtype).transpose(2, 3, 1, 0),
+            ("linear",): linear.astype(src_dtype).T,
+        }
+        for dtype in (np.float32, ml_dtypes.bfloat16):
+            out = convert.materialize(leaves, dtype)
+            for k, v in out.items():
+                assert v.dtype == dtype and v.flags.c_contiguous
+                np.testing.assert_array_equal(v, np.ascontiguousarray(leaves[k]).astype(dtype))
+
+
 def test_large_buffers_are_aligned_writable_mappings():
     big = convert.allocate(64 << 20)  # the size from which a mapping is used
     small = convert.allocate(1000)

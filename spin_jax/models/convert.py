@@ -8,6 +8,7 @@ driven by the Flax parameter template, and the same code runs in both directions
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import re
@@ -161,7 +162,7 @@ def _to_torch(leaf_name: str, value: np.ndarray) -> np.ndarray:
 
 
 # Host-side copy tuning: leaves are copied by a few threads (NumPy releases the GIL while it
-# copies), a transposed leaf in blocks of source rows so reads and writes stay cache-friendly.
+# copies), a transposed leaf in tiles so reads and writes stay cache-friendly.
 # Measured on 2 vCPUs: the copy into warm memory gains nothing from a second thread, but the
 # first touch of fresh pages does (1.0-2.3 s instead of 3.8-9.0 s for the SD 1.5 UNet), so
 # every machine copies with at least two; larger ones with up to four.
@@ -211,17 +212,28 @@ def _staged_cast(src: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
 
 
 def _copy_into(dst: np.ndarray, src: np.ndarray) -> None:
-    """``dst[...] = src`` (casting), by blocks along ``dst``'s last axis when ``src`` is a
-    transposed view: each block then reads contiguous rows of the stored tensor."""
+    """``dst[...] = src`` (casting), in blocks when ``src`` is a transposed view, so strided
+    reads and writes stay in cache: 4-byte items along ``dst``'s last axis (each block reads
+    contiguous rows of the stored tensor), 2-byte items in 256 x 256 tiles of the two largest
+    axes. Measured on 2 vCPUs, SD-sized kernels, ms per MB: float32 2.5 in blocks, 2.3 in
+    tiles (but the SD 1.5 load 8% slower), 3.6 in one copy; bfloat16 6.7 / 3.3 / 4.0."""
     if src.flags.c_contiguous or dst.ndim < 2 or dst.size < (1 << 16):
         np.copyto(dst, src, casting="unsafe")
         return
     if src.dtype != dst.dtype:
         staged = _staged_cast(src, dst.dtype)
         src = src if staged is None else staged
-    n, block = dst.shape[-1], 16 if dst.ndim > 2 else 8  # measured best on x86
-    for j in range(0, n, block):
-        np.copyto(dst[..., j : j + block], src[..., j : j + block], casting="unsafe")
+    if dst.itemsize >= 4:
+        n, block = dst.shape[-1], 16 if dst.ndim > 2 else 8  # measured best on x86
+        for j in range(0, n, block):
+            np.copyto(dst[..., j : j + block], src[..., j : j + block], casting="unsafe")
+        return
+    axes = [int(ax) for ax in np.argsort(dst.shape)[-2:] if dst.shape[ax] > 256]
+    for starts in itertools.product(*(range(0, dst.shape[ax], 256) for ax in axes)):
+        tile = [slice(None)] * dst.ndim
+        for ax, start in zip(axes, starts, strict=True):
+            tile[ax] = slice(start, start + 256)
+        np.copyto(dst[tuple(tile)], src[tuple(tile)], casting="unsafe")
 
 
 def _padded(nbytes: int) -> int:
