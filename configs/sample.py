@@ -15,9 +15,10 @@ with other values is refused (another out_dir, or `--overwrite` to delete the ol
 SIGTERM / Ctrl-C: the batch in flight is finished, then exit status 75; rerun to resume.
 
 Presets: `configs/sample.py:gpu` uses bfloat16 compute and weights (attention stays `auto`:
-cuDNN where it can run); `sdxl` (SDXL base: its Euler scheduler, 30 steps, CFG 5, 1024 px), `turbo` (SDXL-Turbo: Euler
-ancestral, 4 steps, no guidance, 512 px), `dmd2` (SDXL-DMD2: LCM sampler at timesteps
-999, 749, 499, 249, no guidance, 1024 px), `lcm` (LCM-SDXL: 4 steps, guidance embedded, 1024 px).
+cuDNN where it can run); `sdxl` (SDXL base: its Euler scheduler, 30 steps, CFG 5, 1024 px),
+`turbo` (SDXL-Turbo: Euler ancestral, 4 steps, no guidance, 512 px), `dmd2` (SDXL-DMD2: LCM
+sampler at timesteps 999, 749, 499, 249, no guidance, 1024 px), `lcm` (LCM-SDXL: 4 steps,
+guidance embedded, 1024 px).
 """
 
 import ml_collections
