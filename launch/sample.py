@@ -255,11 +255,9 @@ def check_config(config) -> None:
         raise ValueError(
             f"config.model.dtype={config.model.dtype!r} is not one of ['bfloat16', 'float32']"
         )
-    if _param_dtype(config) not in ("float32", "bfloat16", "float16"):
-        raise ValueError(
-            f"config.model.param_dtype={_param_dtype(config)!r} is not one of "
-            "['bfloat16', 'float16', 'float32']"
-        )
+    from spin_jax.models.pipeline import check_param_dtype
+
+    check_param_dtype(_param_dtype(config), field="config.model.param_dtype")
     if not config.model.path:
         raise ValueError("config.model.path is empty: give a diffusers-format model folder")
     if not os.path.exists(config.model.path):

@@ -293,15 +293,15 @@ def place(params: Params, shardings: Any = None) -> Params:
 PARAM_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def check_param_dtype(param_dtype: Any) -> np.dtype:
+def check_param_dtype(param_dtype: Any, *, field: str = "param_dtype") -> np.dtype:
     """``param_dtype`` as a NumPy dtype; anything but float32 / bfloat16 / float16 is a
-    ValueError naming it."""
+    ValueError naming ``field`` and the value."""
     try:
         dt = np.dtype(param_dtype)
     except TypeError:
         dt = None
     if dt is None or dt.name not in PARAM_DTYPES:
-        raise ValueError(f"param_dtype={param_dtype!r} is not one of {', '.join(PARAM_DTYPES)}")
+        raise ValueError(f"{field}={param_dtype!r} is not one of {', '.join(PARAM_DTYPES)}")
     return dt
 
 
